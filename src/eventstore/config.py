@@ -1,0 +1,88 @@
+"""Settings from the environment, validated once at start-up.
+
+Every setting is an environment variable (names as in the README's configuration table). A bad
+value raises `ConfigError` naming the variable, and `eventstore serve` stops with that message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ConfigError(ValueError):
+    """Raised by `load_settings` when an environment variable has a bad value; names it."""
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "eventstore")
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
+    """The service's configuration. Field `x` is read from the environment variable `X`."""
+
+    port: Port = 50051
+    host: str = "0.0.0.0"
+    http_port: Port = 8080
+    database_url: str | None = None
+    # Where the embedded PostgreSQL keeps its cluster when DATABASE_URL is unset.
+    eventstore_data_dir: str = msgspec.field(default_factory=_default_data_dir)
+    snapshot_threshold: NonNegative = 100
+    snapshot_retention_days: NonNegative = 30
+    # Reader connections (GetEvents, ReadAll); the writer has its own connection.
+    db_pool_size: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    # Group commit: one transaction takes at most this much of what is queued.
+    writer_max_batch_events: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+    writer_max_batch_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 * 1024 * 1024
+    # How long the writer keeps retrying a lost database before answering UNAVAILABLE.
+    writer_retry_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    # Request limits (see README "Limits").
+    max_events_per_request: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
+    max_event_bytes: Annotated[int, msgspec.Meta(ge=16)] = 1024 * 1024
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=1024, le=32 * 1024 * 1024 - 1024)] = (
+        16 * 1024 * 1024
+    )
+    read_page_default: Positive = 1000
+    read_page_max: Positive = 10_000
+    # A read reply stops growing at this many bytes (grpcio's default receive limit is 4 MiB).
+    read_reply_max_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 3_500_000
+    # ReadAll with a filter scans at most this many positions per call.
+    read_all_scan_window: Positive = 100_000
+    statement_timeout_ms: NonNegative = 30_000
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    def __post_init__(self) -> None:
+        if self.read_page_default > self.read_page_max:
+            raise ValueError("READ_PAGE_DEFAULT must not exceed READ_PAGE_MAX")
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Read settings from `environ` (default: os.environ); `overrides` win (for tests)."""
+    env = os.environ if environ is None else environ
+    names = {f.encode_name: f.name for f in msgspec.structs.fields(Settings)}
+    raw: dict[str, object] = {}
+    for env_name in names:
+        value = env.get(env_name)
+        if value is not None and value != "":
+            raw[env_name] = value.upper() if env_name == "LOG_LEVEL" else value
+    for key, value in overrides.items():
+        raw[key.upper()] = value
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        # msgspec says "... - at `$.PORT`"; lead with the variable's name.
+        if " - at `$." in message:
+            text, _, where = message.rpartition(" - at `$.")
+            raise ConfigError(f"{where.rstrip('`')}: {text}") from None
+        raise ConfigError(message) from None

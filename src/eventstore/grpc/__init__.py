@@ -1,0 +1,1 @@
+"""The gRPC layer: purerpc transport, request decoding, and the domain → status seam."""

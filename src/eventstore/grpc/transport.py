@@ -1,0 +1,149 @@
+"""Serving gRPC with purerpc's HTTP/2 machinery but our own request dispatch.
+
+purerpc's own dispatcher turns an unexpected exception into CANCELLED with a repr sent to the
+client, cannot send custom trailing metadata with an error, swallows `trio.Cancelled` in bare
+excepts, and binds every interface. Here handlers take the raw request bytes (so the append path
+can hand them to the Rust extension unparsed) and return serialized replies; every failure
+becomes a status through `eventstore.grpc.status`.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+import trio
+from anyio.streams.tls import TLSListener
+from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
+from purerpc.grpclib.connection import GRPCConfiguration
+from purerpc.grpclib.events import RequestReceived
+from purerpc.grpclib.status import Status, StatusCode
+
+from eventstore.errors import EventStoreError, LimitExceeded
+from eventstore.grpc.status import internal_error, to_status
+
+log = logging.getLogger(__name__)
+
+UnaryHandler = Callable[[bytes, RequestReceived], Awaitable[bytes]]
+StreamHandler = Callable[[bytes, RequestReceived], AsyncIterator[bytes]]
+
+# purerpc tears a whole connection down for a message over its limit; keep ours below it.
+TRANSPORT_MAX_MESSAGE = 32 * 1024 * 1024
+
+
+class _Serialized:
+    """A reply that is already serialized (purerpc calls SerializeToString on replies)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def SerializeToString(self) -> bytes:
+        return self._data
+
+
+@dataclass(frozen=True)
+class Method:
+    unary: UnaryHandler | None = None
+    stream: StreamHandler | None = None
+
+
+class GrpcServer:
+    """Serves `methods` (keyed by "package.Service/Method") on one TCP port."""
+
+    def __init__(self, methods: dict[str, Method], *, max_request_bytes: int) -> None:
+        self._methods = methods
+        self._max_request_bytes = max_request_bytes
+        self._config = GRPCConfiguration(client_side=False,
+                                         max_message_length=TRANSPORT_MAX_MESSAGE)
+        self.port: int | None = None
+
+    async def serve(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, *,
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on host:port (host "" or "*": every interface); report the bound port."""
+        listener: anyio.abc.Listener[anyio.abc.ByteStream]
+        tcp = await anyio.create_tcp_listener(
+            local_host=None if host in ("", "*") else host, local_port=port
+        )
+        self.port = int(tcp.extra(anyio.abc.SocketAttribute.local_port))
+        listener = tcp
+        if ssl_context is not None:
+            listener = TLSListener(tcp, ssl_context, standard_compatible=False)
+        async with listener:
+            task_status.started(self.port)
+            await listener.serve(self._connection)
+
+    async def _connection(self, byte_stream: anyio.abc.ByteStream) -> None:
+        try:
+            async with GRPCProtoSocket(self._config, byte_stream) as grpc_socket:
+                async with trio.open_nursery() as nursery:
+                    async for stream in grpc_socket.listen():
+                        nursery.start_soon(self._request, stream)
+        except Exception as exc:
+            # A peer that resets or speaks bad HTTP/2 only ends its own connection.
+            log.debug("gRPC connection ended: %s", type(exc).__name__)
+
+    async def _request(self, stream: GRPCProtoStream) -> None:
+        try:
+            await stream.start_response()
+            event = await stream.receive_event()
+            if not isinstance(event, RequestReceived):
+                await stream.close(Status(StatusCode.INTERNAL, status_message="expected headers"))
+                return
+            method = self._methods.get(f"{event.service_name}/{event.method_name}")
+            if method is None:
+                await stream.close(Status(
+                    StatusCode.UNIMPLEMENTED,
+                    status_message=f"method {event.service_name}/{event.method_name} "
+                    "is not implemented",
+                ))
+                return
+            await self._dispatch(stream, event, method)
+        except Exception as exc:
+            log.debug("gRPC stream ended: %s", type(exc).__name__)
+
+    async def _dispatch(self, stream: GRPCProtoStream, event: RequestReceived,
+                        method: Method) -> None:
+        try:
+            raw = await stream.receive_message()
+            if raw is None:
+                raise _BadRequest("the request has no message")
+            if await stream.receive_message() is not None:
+                raise _BadRequest("expected exactly one request message")
+            if len(raw) > self._max_request_bytes:
+                raise LimitExceeded(
+                    f"request: {len(raw)} bytes, over the limit of {self._max_request_bytes}"
+                )
+            if method.unary is not None:
+                reply = await method.unary(bytes(raw), event)
+                await stream.send_message(_Serialized(reply))
+            else:
+                assert method.stream is not None
+                replies = method.stream(bytes(raw), event)
+                try:
+                    async for reply in replies:
+                        await stream.send_message(_Serialized(reply))
+                        # purerpc's send path does not yield while the HTTP/2 window is open.
+                        await trio.lowlevel.checkpoint()
+                finally:
+                    aclose = getattr(replies, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+            await stream.close(Status(StatusCode.OK))
+        except EventStoreError as error:
+            status, trailers = to_status(error)
+            await stream.close(status, custom_metadata=trailers)
+        except _BadRequest as bad:
+            await stream.close(Status(StatusCode.INVALID_ARGUMENT, status_message=str(bad)))
+        except Exception:
+            log.exception("unexpected error in %s/%s", event.service_name, event.method_name)
+            await stream.close(internal_error())
+
+
+class _BadRequest(Exception):
+    """The HTTP/2 request did not carry exactly one gRPC message."""

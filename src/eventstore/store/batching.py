@@ -1,0 +1,106 @@
+"""I/O-free rules of the append path: which queued requests form one batch, and what an
+idempotent retry looks like. The writer (`eventstore.store.writer`) does the I/O."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+
+class Sized(Protocol):
+    @property
+    def event_count(self) -> int: ...
+    @property
+    def payload_bytes(self) -> int: ...
+    @property
+    def client_event_ids(self) -> list[str]: ...
+
+
+_T = TypeVar("_T", bound=Sized)
+
+
+def take_batch(queue: deque[_T], max_events: int, max_bytes: int) -> list[_T]:
+    """Pop the longest prefix of `queue` that fits the limits (always at least one request).
+
+    The batch also stops before a request that shares a client event id with a request already
+    in it: the later one may be a retry of the earlier, and must see it committed to be
+    recognised as one (it then goes in the next batch, so order is kept).
+    """
+    batch: list[_T] = []
+    events = 0
+    size = 0
+    ids: set[str] = set()
+    while queue:
+        item = queue[0]
+        if batch and (events + item.event_count > max_events
+                      or size + item.payload_bytes > max_bytes):
+            break
+        client_ids = item.client_event_ids
+        if client_ids and not ids.isdisjoint(client_ids):
+            break
+        ids.update(client_ids)
+        events += item.event_count
+        size += item.payload_bytes
+        batch.append(queue.popleft())
+    return batch
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """What the idempotency check needs of an already stored event."""
+
+    event_id: str
+    stream_id: str
+    stream_type: str
+    version: int
+    position: int
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The request's events are all stored, in order: answer with the earlier result."""
+
+    first_version: int
+    first_position: int
+
+
+@dataclass(frozen=True)
+class Reused:
+    """Some ids are stored, but not as this request's events: ALREADY_EXISTS."""
+
+    message: str
+
+
+def classify_stored(event_ids: Sequence[str], stream_id: str, stream_type: str,
+                    stored: dict[str, StoredEvent]) -> Retry | Reused | None:
+    """Decide from the stored events with this request's ids (content not yet compared).
+
+    None: no id of the request is stored (a new append). `Retry`: every id is stored in this
+    stream at consecutive versions and positions, in order — the caller must still compare
+    types and payloads. `Reused`: anything else.
+    """
+    hits = [stored.get(event_id) for event_id in event_ids]
+    found = [hit for hit in hits if hit is not None]
+    if not found:
+        return None
+    if len(found) != len(hits):
+        first = found[0].event_id
+        return Reused(
+            f"event id {first} is already stored, but not every event of this request is: "
+            "a retry must resend the original request unchanged"
+        )
+    first = found[0]
+    for offset, hit in enumerate(found):
+        if hit.stream_id != stream_id or hit.stream_type != stream_type:
+            return Reused(
+                f"event id {hit.event_id} is already stored in another stream "
+                f"({hit.stream_type} {hit.stream_id})"
+            )
+        if hit.version != first.version + offset or hit.position != first.position + offset:
+            return Reused(
+                f"event id {hit.event_id} is already stored, but not in the order of this request"
+            )
+    return Retry(first.version, first.position)
+

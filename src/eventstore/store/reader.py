@@ -1,0 +1,213 @@
+"""The read path: GetEvents and ReadAll.
+
+Rows leave PostgreSQL as binary COPY and the Rust extension turns them straight into the
+serialized `Event` messages of the reply, so no Python object is built per event. Each read runs
+in one REPEATABLE READ, read-only transaction, so the stream version (or head position) and the
+events agree with each other.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import psycopg
+import trio
+from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg import IsolationLevel, sql
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from eventstore._es_codec import encode_events
+from eventstore.config import Settings
+from eventstore.db.connection import APPLICATION_NAME
+from eventstore.db.errors import is_connection_error, to_domain
+from eventstore.store.validation import PositionRange, StreamRange, like_prefix
+from eventstore.v1 import eventstore_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+Conn = psycopg.Connection[TupleRow]
+
+EVENT_COLUMNS = (
+    "event_id, stream_id, stream_type, version, event_type, data, metadata, created_at, position"
+)
+
+
+def _configure(conn: Conn) -> None:
+    conn.isolation_level = IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+
+
+class Reader:
+    """Reads through a pool of connections, each use in a worker thread."""
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self._settings = settings
+        options = f"-c statement_timeout={settings.statement_timeout_ms}"
+        self._pool: ConnectionPool[Conn] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=settings.db_pool_size,
+            kwargs={"application_name": APPLICATION_NAME, "options": options,
+                    "connect_timeout": 5},
+            configure=_configure,
+            open=False,
+            name="eventstore-readers",
+        )
+        self._limiter = trio.CapacityLimiter(settings.db_pool_size)
+
+    def open(self) -> None:
+        self._pool.open(wait=False)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    async def _run(self, what: str, work: Callable[[Conn], _T]) -> _T:
+        """Run `work` on a pooled connection in a thread; translate database errors at the seam.
+
+        After a database restart every pooled connection is broken; the pool discards each one
+        that fails, so a read retries (reads are idempotent) until it gets a working connection
+        or a fresh one fails too."""
+        def attempt() -> _T:
+            tries = self._settings.db_pool_size + 1
+            for attempt_no in range(tries):
+                try:
+                    with self._pool.connection(timeout=3.0) as conn:
+                        return work(conn)
+                except PoolTimeout as exc:
+                    # No connection could be made in time: the database is down.
+                    raise to_domain(exc, what=what) from exc
+                except Exception as exc:
+                    if attempt_no + 1 < tries and is_connection_error(exc):
+                        continue
+                    raise to_domain(exc, what=what) from exc
+            raise AssertionError("unreachable")
+
+        return await trio.to_thread.run_sync(attempt, limiter=self._limiter)
+
+    async def get_events(self, query: StreamRange) -> bytes:
+        """The serialized GetEventsResponse for `query`."""
+        return await self._run("reading a stream", lambda conn: self._get_events(conn, query))
+
+    async def read_all(self, query: PositionRange) -> bytes:
+        """The serialized ReadAllResponse for `query`."""
+        return await self._run("reading all events", lambda conn: self._read_all(conn, query))
+
+    async def head_position(self) -> int:
+        return await self._run("reading the head position", self._head)
+
+    # -- in worker threads --------------------------------------------------------------------
+
+    @staticmethod
+    def _head(conn: Conn) -> int:
+        row = conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _copy_rows(cur: psycopg.Cursor[TupleRow], query: sql.Composable,
+                   params: tuple[object, ...]) -> bytes:
+        statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(query)
+        with cur.copy(statement, params) as copy:
+            return b"".join(copy)
+
+    def _get_events(self, conn: Conn, q: StreamRange) -> bytes:
+        reply = pb.GetEventsResponse()
+        with conn.cursor() as cur:
+            row = cur.execute(
+                "SELECT version FROM event_streams WHERE stream_id = %s AND stream_type = %s",
+                (q.stream_id, q.stream_type),
+            ).fetchone()
+            reply.stream_version = int(row[0]) if row else 0
+            first = q.first
+            if q.include_snapshot:
+                snapshot = self._latest_snapshot(cur, q.stream_id, q.stream_type, q.last)
+                if snapshot is not None:
+                    reply.snapshot.CopyFrom(snapshot)
+                    first = max(first, snapshot.version + 1)
+            last = q.last if q.last is not None else reply.stream_version
+            events = b""
+            count = 0
+            if reply.stream_version and first <= last:
+                data = self._copy_rows(
+                    cur,
+                    sql.SQL(
+                        f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = %s"
+                        " AND stream_type = %s AND version >= %s AND version <= %s"
+                        " ORDER BY version LIMIT %s"
+                    ),
+                    (q.stream_id, q.stream_type, first, last, q.limit + 1),
+                )
+                events, count, last_version, _, more = encode_events(
+                    data, q.limit, self._settings.read_reply_max_bytes
+                )
+                reply.has_more = more
+                if count:
+                    first = last_version + 1
+        conn.rollback()
+        reply.next_from_version = first
+        return events + reply.SerializeToString()
+
+    @staticmethod
+    def _latest_snapshot(cur: psycopg.Cursor[TupleRow], stream_id: str, stream_type: str,
+                         max_version: int | None) -> pb.Snapshot | None:
+        row = cur.execute(
+            "SELECT snapshot_id::text, version, data::text, created_at FROM snapshots"
+            " WHERE stream_id = %s AND stream_type = %s AND version <= %s"
+            " ORDER BY version DESC LIMIT 1",
+            (stream_id, stream_type, max_version if max_version is not None else 2**63 - 1),
+        ).fetchone()
+        if row is None:
+            return None
+        created = Timestamp()
+        created.FromDatetime(row[3])
+        return pb.Snapshot(
+            snapshot_id=row[0], stream_id=stream_id, stream_type=stream_type,
+            version=row[1], data=row[2].encode(), created_at=created,
+        )
+
+    def _read_all(self, conn: Conn, q: PositionRange) -> bytes:
+        reply = pb.ReadAllResponse()
+        max_bytes = self._settings.read_reply_max_bytes
+        with conn.cursor() as cur:
+            if q.filter.empty:
+                data = self._copy_rows(
+                    cur,
+                    sql.SQL(
+                        f"SELECT {EVENT_COLUMNS} FROM events WHERE position > %s"
+                        " ORDER BY position LIMIT %s"
+                    ),
+                    (q.after, q.limit + 1),
+                )
+                events, count, _, last_position, more = encode_events(data, q.limit, max_bytes)
+                reply.has_more = more
+                reply.next_from_position = last_position if count else q.after
+            else:
+                # A filter may skip many rows: scan a bounded window of positions per call and
+                # report how far it got, so the caller advances past filtered-out events.
+                head = self._head(conn)
+                upper = min(head, q.after + self._settings.read_all_scan_window)
+                where = [sql.SQL("position > %s AND position <= %s")]
+                params: list[object] = [q.after, upper]
+                if q.filter.stream_types:
+                    where.append(sql.SQL("stream_type = ANY(%s)"))
+                    params.append(list(q.filter.stream_types))
+                if q.filter.event_type_prefixes:
+                    where.append(sql.SQL("event_type LIKE ANY(%s)"))
+                    params.append([like_prefix(p) for p in q.filter.event_type_prefixes])
+                params.append(q.limit + 1)
+                query = sql.SQL("SELECT {} FROM events WHERE {} ORDER BY position LIMIT %s").format(
+                    sql.SQL(EVENT_COLUMNS), sql.SQL(" AND ").join(where)
+                )
+                data = self._copy_rows(cur, query, tuple(params))
+                events, count, _, last_position, more = encode_events(data, q.limit, max_bytes)
+                if more:
+                    reply.has_more = True
+                    reply.next_from_position = last_position
+                else:
+                    reply.next_from_position = max(upper, q.after)
+                    reply.has_more = upper < head
+        conn.rollback()
+        return events + reply.SerializeToString()

@@ -1,0 +1,122 @@
+"""I/O-free checks of read requests (the append request is checked by the Rust extension).
+
+Each function raises `InvalidArgument` with a message naming the field and the rule.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from eventstore.errors import InvalidArgument
+
+MAX_NAME_CHARS = 255
+
+
+def _shown(value: str, limit: int = 64) -> str:
+    return value if len(value) <= limit else value[:limit] + "…"
+
+
+def parse_uuid(field: str, value: str) -> str:
+    """The canonical lower-case form of a UUID given in any letter case."""
+    if not value:
+        raise InvalidArgument(f"{field}: required (a UUID)")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidArgument(f'{field}: not a UUID: "{_shown(value)}"') from None
+
+
+def check_name(field: str, value: str) -> str:
+    """A stream or event type: 1-255 characters, no NUL."""
+    if not value or len(value) > MAX_NAME_CHARS:
+        raise InvalidArgument(f"{field}: must be 1-{MAX_NAME_CHARS} characters, got {len(value)}")
+    if "\x00" in value:
+        raise InvalidArgument(f"{field}: must not contain the NUL character")
+    return value
+
+
+def page_size(field: str, value: int, default: int, maximum: int) -> int:
+    """0 → the default; above the maximum → capped; negative → InvalidArgument."""
+    if value < 0:
+        raise InvalidArgument(f"{field}: must not be negative, got {value}")
+    if value == 0:
+        return default
+    return min(value, maximum)
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """ReadAll / SubscribeToAll filter; empty tuples mean no filtering on that field."""
+
+    stream_types: tuple[str, ...] = ()
+    event_type_prefixes: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.stream_types and not self.event_type_prefixes
+
+    def matches(self, stream_type: str, event_type: str) -> bool:
+        if self.stream_types and stream_type not in self.stream_types:
+            return False
+        return not self.event_type_prefixes or event_type.startswith(self.event_type_prefixes)
+
+
+def parse_filter(stream_types: Sequence[str], prefixes: Sequence[str]) -> EventFilter:
+    for i, name in enumerate(stream_types):
+        check_name(f"filter.stream_types[{i}]", name)
+    for i, prefix in enumerate(prefixes):
+        check_name(f"filter.event_type_prefixes[{i}]", prefix)
+    return EventFilter(tuple(dict.fromkeys(stream_types)), tuple(dict.fromkeys(prefixes)))
+
+
+@dataclass(frozen=True)
+class StreamRange:
+    """A validated GetEvents request."""
+
+    stream_id: str
+    stream_type: str
+    first: int  # inclusive, ≥ 1
+    last: int | None  # inclusive
+    limit: int
+    include_snapshot: bool
+
+
+def parse_stream_range(stream_id: str, stream_type: str, from_version: int,
+                       to_version: int | None, max_count: int, include_snapshot: bool,
+                       *, default_page: int, max_page: int) -> StreamRange:
+    sid = parse_uuid("stream_id", stream_id)
+    check_name("stream_type", stream_type)
+    if from_version < 0:
+        raise InvalidArgument(f"from_version: must not be negative, got {from_version}")
+    first = max(from_version, 1)
+    if to_version is not None and to_version < first:
+        raise InvalidArgument(
+            f"to_version: must be at least from_version ({first}), got {to_version}"
+        )
+    limit = page_size("max_count", max_count, default_page, max_page)
+    return StreamRange(sid, stream_type, first, to_version, limit, include_snapshot)
+
+
+@dataclass(frozen=True)
+class PositionRange:
+    """A validated ReadAll request."""
+
+    after: int  # exclusive
+    limit: int
+    filter: EventFilter
+
+
+def parse_position_range(from_position: int, max_count: int, event_filter: EventFilter,
+                         *, default_page: int, max_page: int) -> PositionRange:
+    if from_position < 0:
+        raise InvalidArgument(f"from_position: must not be negative, got {from_position}")
+    limit = page_size("max_count", max_count, default_page, max_page)
+    return PositionRange(from_position, limit, event_filter)
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching strings that start with `prefix` (escape: backslash)."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"

@@ -1,0 +1,413 @@
+"""The append path: one writer task group-commits the requests of every client.
+
+Handlers queue a parsed request (`AppendWriter.append`) and wait. The writer takes whatever
+queued while its last transaction ran (up to the batch limits; no artificial delay) and commits
+it in one transaction:
+
+1. `pg_advisory_xact_lock(APPEND_LOCK_KEY)` — every writer of every server process on this
+   database takes it, so appends are serialized and become visible in position order
+   (PostgreSQL makes a transaction visible before it releases its locks). A reader that follows
+   positions can therefore never be shown an event below one it has already seen.
+2. the current head position (`max(position)`, read after the lock in a new statement, so it
+   sees every earlier holder's commit);
+3. the idempotency check by client event id (before the version check, as API.md says);
+4. the current versions of the batch's streams, checked by the Rust extension request by
+   request (a later request on the same stream sees the earlier ones);
+5. one binary COPY of every accepted event, built by the Rust extension, with dense positions;
+6. the streams' new versions; COMMIT.
+
+Each request gets its own outcome: a conflict or a bad payload in one request never fails
+another. A lost connection is retried on a new one; when it is lost during COMMIT the outcome is
+reconciled by event id, so a client never hears a false success and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import psycopg
+import trio
+from psycopg.rows import TupleRow
+
+from eventstore._es_codec import AppendRequest, check_versions, encode_copy
+from eventstore.config import Settings
+from eventstore.db.connection import connect
+from eventstore.db.errors import is_connection_error, is_data_error, to_domain
+from eventstore.errors import (
+    AlreadyExists,
+    EventStoreError,
+    Unavailable,
+    WrongExpectedVersion,
+)
+from eventstore.store.batching import Retry, Reused, StoredEvent, classify_stored, take_batch
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key shared by every appending transaction ("esap").
+APPEND_LOCK_KEY = 0x65736170
+# PostgreSQL timestamps count microseconds from 2000-01-01 UTC.
+PG_EPOCH_OFFSET_US = 946_684_800_000_000
+
+COPY_EVENTS = (
+    "COPY events (event_id, stream_id, stream_type, version, event_type, data, metadata,"
+    " created_at, position) FROM STDIN (FORMAT BINARY)"
+)
+
+Outcome = bytes | EventStoreError
+BatchListener = Callable[[int, int, int], None]
+
+
+class PendingAppend:
+    """A queued request and, once the writer is done with it, its outcome."""
+
+    __slots__ = ("done", "outcome", "request")
+
+    def __init__(self, request: AppendRequest) -> None:
+        self.request = request
+        self.done = trio.Event()
+        self.outcome: Outcome | None = None
+
+    @property
+    def event_count(self) -> int:
+        return self.request.event_count
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.request.payload_bytes
+
+    @property
+    def client_event_ids(self) -> list[str]:
+        return self.request.client_event_ids
+
+
+class _OutcomeUnknown(Exception):
+    """The connection broke during COMMIT: the batch may or may not be stored."""
+
+    def __init__(self, planned: list[Outcome], probe_ids: list[str]) -> None:
+        super().__init__("commit outcome unknown")
+        self.planned = planned
+        self.probe_ids = probe_ids
+
+
+class AppendWriter:
+    """Owns the writer connection and the queue; `run` is the writer task."""
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self._url = url
+        self._settings = settings
+        self._queue: deque[PendingAppend] = deque()
+        self._has_work = trio.Event()
+        self._conn: psycopg.Connection[TupleRow] | None = None
+        self._accepting = True
+        self._listeners: list[BatchListener] = []
+        # Ranges committed by the worker thread, announced by the writer task.
+        self._committed: list[tuple[int, int, int]] = []
+
+    def add_listener(self, listener: BatchListener) -> None:
+        """Call `listener(first_position, last_position, event_count)` after each commit that
+        stored events (from the writer task, not a thread)."""
+        self._listeners.append(listener)
+
+    async def append(self, request: AppendRequest) -> bytes:
+        """Queue `request` and wait for its outcome: the serialized AppendEventsResponse, or a
+        domain error. If the caller is cancelled the request may still be committed (as with
+        any RPC whose client goes away); its client can retry with the same event ids."""
+        if not self._accepting:
+            raise Unavailable("the server is shutting down; retry on another server")
+        pending = PendingAppend(request)
+        self._queue.append(pending)
+        self._has_work.set()
+        await pending.done.wait()
+        outcome = pending.outcome
+        if isinstance(outcome, bytes):
+            return outcome
+        assert outcome is not None
+        raise outcome
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task. Cancelling it fails queued requests with UNAVAILABLE, but a batch
+        already being committed is finished first (a COMMIT is never abandoned)."""
+        task_status.started()
+        try:
+            while True:
+                if not self._queue:
+                    self._has_work = trio.Event()
+                    await self._has_work.wait()
+                    continue
+                batch = take_batch(
+                    self._queue,
+                    self._settings.writer_max_batch_events,
+                    self._settings.writer_max_batch_bytes,
+                )
+                with trio.CancelScope(shield=True):
+                    outcomes = await trio.to_thread.run_sync(self._commit, batch)
+                self._resolve(batch, outcomes)
+                committed, self._committed = self._committed, []
+                for first, last, count in committed:
+                    for listener in self._listeners:
+                        listener(first, last, count)
+        finally:
+            self._accepting = False
+            while self._queue:
+                pending = self._queue.popleft()
+                pending.outcome = Unavailable("the server is shutting down; retry")
+                pending.done.set()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _resolve(self, batch: Sequence[PendingAppend], outcomes: Sequence[Outcome]) -> None:
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            pending.outcome = outcome
+            pending.done.set()
+
+    # -- in the worker thread -------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[TupleRow]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(
+                self._url, statement_timeout_ms=self._settings.statement_timeout_ms
+            )
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                log.debug("closing a broken writer connection failed", exc_info=True)
+            self._conn = None
+
+    def _rollback(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.rollback()
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                self._drop_connection()
+
+    def _commit(self, batch: Sequence[PendingAppend]) -> list[Outcome]:
+        """Commit `batch`, retrying on a new connection until `writer_retry_seconds` pass."""
+        deadline = time.monotonic() + self._settings.writer_retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return self._commit_once(self._connection(), batch)
+            except _OutcomeUnknown as unknown:
+                self._drop_connection()
+                reconciled = self._reconcile(unknown, deadline)
+                if reconciled is not None:
+                    return reconciled
+                log.warning("commit lost with its connection; retrying the batch")
+            except Exception as exc:
+                if is_connection_error(exc):
+                    log.warning("writer lost its database connection: %s", exc)
+                    self._drop_connection()
+                elif is_data_error(exc) and len(batch) > 1:
+                    # One request carried a value PostgreSQL refuses: find it by committing
+                    # each request alone, so the others still succeed.
+                    self._rollback()
+                    return [outcome for one in batch for outcome in self._commit([one])]
+                else:
+                    self._rollback()
+                    return [to_domain(exc, what="appending events")] * len(batch)
+            if time.monotonic() >= deadline:
+                down = Unavailable("database unavailable; nothing was written, retry later")
+                return [down] * len(batch)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _reconcile(self, unknown: _OutcomeUnknown, deadline: float) -> list[Outcome] | None:
+        """After a COMMIT whose outcome is unknown: the planned outcomes if the batch is stored,
+        None if it is not (then it is simply retried), UNAVAILABLE if we cannot tell."""
+        delay = 0.05
+        while True:
+            try:
+                conn = self._connection()
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT count(*) FROM events WHERE event_id = ANY(%s::uuid[])",
+                        (unknown.probe_ids,),
+                    )
+                    row = cur.fetchone()
+                conn.rollback()
+                stored = row[0] if row else 0
+                if stored == len(unknown.probe_ids):
+                    log.warning("commit outcome was unknown; the batch is stored")
+                    return unknown.planned
+                if stored:
+                    log.error("commit partially visible (%d of %d); answering UNAVAILABLE",
+                              stored, len(unknown.probe_ids))
+                    break
+                return None
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    log.exception("reconciling an unknown commit failed")
+                    break
+                self._drop_connection()
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        unknown_outcome = Unavailable(
+            "database connection lost while committing; the append may be stored: "
+            "retry with the same event ids to learn its outcome"
+        )
+        return [
+            unknown_outcome if isinstance(planned, bytes) else planned
+            for planned in unknown.planned
+        ]
+
+    def _commit_once(self, conn: psycopg.Connection[TupleRow],
+                     batch: Sequence[PendingAppend]) -> list[Outcome]:
+        requests = [pending.request for pending in batch]
+        threshold = self._settings.snapshot_threshold
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        accepted: list[tuple[AppendRequest, int]] = []
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
+            cur.execute("SELECT coalesce(max(position), 0) FROM events")
+            head_row = cur.fetchone()
+            head = int(head_row[0]) if head_row else 0
+            self._check_retries(cur, requests, outcomes)
+            live = [i for i, outcome in enumerate(outcomes) if outcome is None]
+            if live:
+                keys: dict[tuple[str, str], int] = {}
+                index = [
+                    keys.setdefault((requests[i].stream_id, requests[i].stream_type), len(keys))
+                    for i in live
+                ]
+                firsts = check_versions(
+                    self._stream_versions(cur, keys),
+                    index,
+                    [requests[i].expected_version for i in live],
+                    [requests[i].event_count for i in live],
+                )
+                position = head + 1
+                for i, first in zip(live, firsts, strict=True):
+                    request = requests[i]
+                    if first < 0:
+                        expected = request.expected_version
+                        assert expected is not None
+                        outcomes[i] = WrongExpectedVersion(expected, -first - 1)
+                        continue
+                    outcomes[i] = request.response(first, position, threshold)
+                    accepted.append((request, first))
+                    position += request.event_count
+                if accepted:
+                    self._write(cur, accepted, head + 1)
+        planned = [outcome for outcome in outcomes if outcome is not None]
+        assert len(planned) == len(requests)
+        if not accepted:
+            conn.rollback()
+            return planned
+        try:
+            conn.commit()
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise _OutcomeUnknown(planned, [r.event_ids[0] for r, _ in accepted]) from exc
+            raise
+        count = sum(request.event_count for request, _ in accepted)
+        self._committed.append((head + 1, head + count, count))
+        return planned
+
+    def _write(self, cur: psycopg.Cursor[TupleRow], accepted: list[tuple[AppendRequest, int]],
+               first_position: int) -> None:
+        now_us = time.time_ns() // 1000
+        payload = encode_copy(
+            [request for request, _ in accepted],
+            [first for _, first in accepted],
+            first_position,
+            now_us - PG_EPOCH_OFFSET_US,
+        )
+        with cur.copy(COPY_EVENTS) as copy:
+            copy.write(payload)
+        final: dict[tuple[str, str], int] = {}
+        for request, first in accepted:
+            key = (request.stream_id, request.stream_type)
+            final[key] = max(final.get(key, 0), first + request.event_count - 1)
+        now = datetime.fromtimestamp(now_us / 1_000_000, tz=UTC)
+        cur.execute(
+            "INSERT INTO event_streams AS s (stream_id, stream_type, version, created_at,"
+            " updated_at) SELECT k.id, k.t, k.v, %s, %s"
+            " FROM unnest(%s::uuid[], %s::text[], %s::int8[]) AS k(id, t, v)"
+            " ON CONFLICT (stream_id, stream_type)"
+            " DO UPDATE SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at",
+            (now, now, [k[0] for k in final], [k[1] for k in final], list(final.values())),
+        )
+
+    @staticmethod
+    def _stream_versions(cur: psycopg.Cursor[TupleRow],
+                         keys: dict[tuple[str, str], int]) -> list[int]:
+        cur.execute(
+            "SELECT s.stream_id::text, s.stream_type, s.version FROM event_streams s"
+            " JOIN unnest(%s::uuid[], %s::text[]) AS k(id, t)"
+            " ON s.stream_id = k.id AND s.stream_type = k.t",
+            ([k[0] for k in keys], [k[1] for k in keys]),
+        )
+        current = [0] * len(keys)
+        for stream_id, stream_type, version in cur:
+            current[keys[(stream_id, stream_type)]] = int(version)
+        return current
+
+    def _check_retries(self, cur: psycopg.Cursor[TupleRow], requests: Sequence[AppendRequest],
+                       outcomes: list[Outcome | None]) -> None:
+        """Fill in the outcome of each request that is an idempotent retry or reuses ids."""
+        ids = [event_id for request in requests for event_id in request.client_event_ids]
+        if not ids:
+            return
+        cur.execute(
+            "SELECT event_id::text, stream_id::text, stream_type, version, position"
+            " FROM events WHERE event_id = ANY(%s::uuid[])",
+            (ids,),
+        )
+        stored = {row[0]: StoredEvent(*row) for row in cur}
+        if not stored:
+            return
+        candidates: list[tuple[int, Retry]] = []
+        for i, request in enumerate(requests):
+            if not request.has_client_ids:
+                continue
+            verdict = classify_stored(
+                request.event_ids, request.stream_id, request.stream_type, stored
+            )
+            if isinstance(verdict, Reused):
+                outcomes[i] = AlreadyExists(verdict.message)
+            elif isinstance(verdict, Retry):
+                candidates.append((i, verdict))
+        if not candidates:
+            return
+        # Same ids, same places: a retry only if types and payloads are equal as JSON values.
+        ids, types, datas, metas, owners = [], [], [], [], []
+        for i, _ in candidates:
+            request = requests[i]
+            for j, event_id in enumerate(request.event_ids):
+                metadata = request.event_metadata(j)
+                ids.append(event_id)
+                types.append(request.event_type(j))
+                datas.append(request.event_data(j).decode())
+                metas.append(metadata.decode() if metadata is not None else None)
+                owners.append(i)
+        cur.execute(
+            "SELECT k.owner, bool_and(e.event_type = k.t AND e.data = k.d::jsonb"
+            " AND e.metadata IS NOT DISTINCT FROM k.m::jsonb)"
+            " FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::int4[])"
+            " AS k(id, t, d, m, owner) JOIN events e ON e.event_id = k.id GROUP BY k.owner",
+            (ids, types, datas, metas, owners),
+        )
+        same = dict(cur.fetchall())
+        threshold = self._settings.snapshot_threshold
+        for i, retry in candidates:
+            request = requests[i]
+            if same.get(i):
+                outcomes[i] = request.response(retry.first_version, retry.first_position, threshold)
+            else:
+                outcomes[i] = AlreadyExists(
+                    f"event id {request.event_ids[0]} is already stored with a different "
+                    "event type, data or metadata"
+                )
