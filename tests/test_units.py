@@ -1,0 +1,164 @@
+"""I/O-free rules: batching, idempotency classification, request validation, settings, the
+status table."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import pytest
+from purerpc.grpclib.status import StatusCode
+
+import eventstore
+from eventstore.config import ConfigError, load_settings
+from eventstore.errors import (
+    AlreadyExists,
+    EventStoreError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    LimitExceeded,
+    Unavailable,
+    WrongExpectedVersion,
+)
+from eventstore.grpc.status import STATUS_OF, Unimplemented, to_status
+from eventstore.store.batching import (
+    Retry,
+    Reused,
+    StoredEvent,
+    classify_stored,
+    take_batch,
+)
+from eventstore.store.validation import (
+    EventFilter,
+    like_prefix,
+    page_size,
+    parse_filter,
+    parse_stream_range,
+    parse_uuid,
+)
+
+
+@dataclass
+class Req:
+    event_count: int = 1
+    payload_bytes: int = 10
+    client_event_ids: list[str] = field(default_factory=list)
+
+
+def test_take_batch_respects_limits_and_takes_at_least_one() -> None:
+    queue = deque([Req(5), Req(5), Req(5)])
+    assert len(take_batch(queue, max_events=10, max_bytes=1000)) == 2
+    assert len(queue) == 1
+    big = deque([Req(50), Req(1)])
+    assert len(take_batch(big, max_events=10, max_bytes=1000)) == 1
+    by_bytes = deque([Req(payload_bytes=600), Req(payload_bytes=600)])
+    assert len(take_batch(by_bytes, max_events=10, max_bytes=1000)) == 1
+
+
+def test_take_batch_stops_before_a_request_sharing_a_client_id() -> None:
+    queue = deque([Req(client_event_ids=["a"]), Req(client_event_ids=["b"]),
+                   Req(client_event_ids=["a"]), Req()])
+    batch = take_batch(queue, max_events=100, max_bytes=10_000)
+    assert [r.client_event_ids for r in batch] == [["a"], ["b"]]
+    assert len(queue) == 2
+
+
+def stored(event_id: str, version: int, position: int, stream: str = "s",
+           stream_type: str = "T") -> StoredEvent:
+    return StoredEvent(event_id, stream, stream_type, version, position)
+
+
+def test_classify_stored() -> None:
+    ids = ["a", "b"]
+    assert classify_stored(ids, "s", "T", {}) is None
+    assert classify_stored(ids, "s", "T", {"a": stored("a", 3, 10), "b": stored("b", 4, 11)}) == \
+        Retry(3, 10)
+    assert isinstance(classify_stored(ids, "s", "T", {"a": stored("a", 3, 10)}), Reused)
+    assert isinstance(classify_stored(
+        ids, "s", "T", {"a": stored("a", 3, 10), "b": stored("b", 5, 11)}), Reused)
+    assert isinstance(classify_stored(
+        ids, "s", "T", {"a": stored("a", 3, 10), "b": stored("b", 4, 11, stream="t")}), Reused)
+    assert isinstance(classify_stored(
+        ids, "s", "T", {"a": stored("a", 4, 11), "b": stored("b", 3, 10)}), Reused)
+
+
+def test_parse_uuid_canonicalizes() -> None:
+    assert parse_uuid("f", "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11") == \
+        "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    with pytest.raises(InvalidArgument, match='f: not a UUID: "xyz"'):
+        parse_uuid("f", "xyz")
+    with pytest.raises(InvalidArgument, match="f: required"):
+        parse_uuid("f", "")
+
+
+def test_page_size() -> None:
+    assert page_size("m", 0, 1000, 10_000) == 1000
+    assert page_size("m", 50_000, 1000, 10_000) == 10_000
+    assert page_size("m", 7, 1000, 10_000) == 7
+    with pytest.raises(InvalidArgument, match="m: must not be negative"):
+        page_size("m", -1, 1000, 10_000)
+
+
+def test_stream_range_rules() -> None:
+    r = parse_stream_range("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "T", 0, None, 0, False,
+                           default_page=10, max_page=20)
+    assert (r.first, r.last, r.limit) == (1, None, 10)
+    with pytest.raises(InvalidArgument, match="to_version"):
+        parse_stream_range("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "T", 5, 4, 0, False,
+                           default_page=10, max_page=20)
+
+
+def test_filter() -> None:
+    f = parse_filter(["A", "A"], ["Order"])
+    assert f == EventFilter(("A",), ("Order",))
+    assert f.matches("A", "OrderPlaced") and not f.matches("B", "OrderPlaced")
+    assert not f.matches("A", "UserCreated")
+    assert EventFilter().empty and EventFilter().matches("x", "y")
+    with pytest.raises(InvalidArgument, match=r"filter.stream_types\[1\]"):
+        parse_filter(["A", ""], [])
+    assert like_prefix("a_b%c\\") == "a\\_b\\%c\\\\%"
+
+
+def test_settings_defaults_and_errors() -> None:
+    s = load_settings({})
+    assert (s.port, s.http_port, s.snapshot_threshold, s.snapshot_retention_days) == \
+        (50051, 8080, 100, 30)
+    assert s.database_url is None
+    s = load_settings({"PORT": "6000", "SNAPSHOT_THRESHOLD": "10", "LOG_LEVEL": "debug"})
+    assert (s.port, s.snapshot_threshold, s.log_level) == (6000, 10, "DEBUG")
+    for env, name in [({"PORT": "abc"}, "PORT"), ({"PORT": "70000"}, "PORT"),
+                      ({"SNAPSHOT_RETENTION_DAYS": "-1"}, "SNAPSHOT_RETENTION_DAYS"),
+                      ({"HTTP_PORT": "x"}, "HTTP_PORT"), ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+                      ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE")]:
+        with pytest.raises(ConfigError) as err:
+            load_settings(env)
+        assert str(err.value).startswith(name), err.value
+
+
+def test_status_table_covers_every_domain_error() -> None:
+    expected = {
+        InvalidArgument: StatusCode.INVALID_ARGUMENT,
+        LimitExceeded: StatusCode.RESOURCE_EXHAUSTED,
+        AlreadyExists: StatusCode.ALREADY_EXISTS,
+        FailedPrecondition: StatusCode.FAILED_PRECONDITION,
+        Unavailable: StatusCode.UNAVAILABLE,
+        Internal: StatusCode.INTERNAL,
+        Unimplemented: StatusCode.UNIMPLEMENTED,
+    }
+    for cls, code in expected.items():
+        status, trailers = to_status(cls("m"))
+        assert status.status_code == code and status.status_message == "m" and trailers == []
+    status, trailers = to_status(WrongExpectedVersion(3, 5))
+    assert status.status_code == StatusCode.ABORTED
+    assert status.status_message == "wrong expected version: expected 3, actual 5"
+    assert trailers == [("expected-version", "3"), ("actual-version", "5")]
+    leaves = {c for c in vars(eventstore.errors).values()
+              if isinstance(c, type) and issubclass(c, EventStoreError)
+              and c is not EventStoreError}
+    assert leaves <= set(STATUS_OF)
+
+
+def test_public_exports() -> None:
+    for name in eventstore.__all__:
+        assert hasattr(eventstore, name), name
