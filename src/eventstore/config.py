@@ -75,8 +75,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         value = env.get(env_name)
         if value is not None and value != "":
             raw[env_name] = value.upper() if env_name == "LOG_LEVEL" else value
-    for key, value in overrides.items():
-        raw[key.upper()] = value
+    for key, override in overrides.items():
+        raw[key.upper()] = override
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:

@@ -75,7 +75,7 @@ def apply_migrations(conn: psycopg.Connection[TupleRow],
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
         cur.execute(_CREATE_LEDGER)
         cur.execute("SELECT version, checksum FROM schema_migrations")
-        recorded = dict(cur.fetchall())
+        recorded: dict[int, str] = dict(cur.fetchall())
         for migration in migrations:
             checksum = recorded.get(migration.version)
             if checksum is not None:

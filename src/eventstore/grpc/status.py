@@ -39,7 +39,7 @@ def to_status(error: EventStoreError) -> tuple[Status, Trailers]:
     code = StatusCode.INTERNAL
     for cls in type(error).__mro__:
         if cls in STATUS_OF:
-            code = STATUS_OF[cls]  # type: ignore[index]
+            code = STATUS_OF[cls]
             break
     trailers: Trailers = []
     if isinstance(error, WrongExpectedVersion):

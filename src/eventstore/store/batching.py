@@ -86,9 +86,8 @@ def classify_stored(event_ids: Sequence[str], stream_id: str, stream_type: str,
     if not found:
         return None
     if len(found) != len(hits):
-        first = found[0].event_id
         return Reused(
-            f"event id {first} is already stored, but not every event of this request is: "
+            f"event id {found[0].event_id} is already stored, but not every event of this request is: "
             "a retry must resend the original request unchanged"
         )
     first = found[0]

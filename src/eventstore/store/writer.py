@@ -400,7 +400,7 @@ class AppendWriter:
             " AS k(id, t, d, m, owner) JOIN events e ON e.event_id = k.id GROUP BY k.owner",
             (ids, types, datas, metas, owners),
         )
-        same = dict(cur.fetchall())
+        same: dict[int, bool] = dict(cur.fetchall())
         threshold = self._settings.snapshot_threshold
         for i, retry in candidates:
             request = requests[i]

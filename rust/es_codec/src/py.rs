@@ -1,0 +1,301 @@
+//! The Python module `eventstore._es_codec`: the only place that knows about Python.
+//!
+//! Everything here is argument conversion, error mapping and GIL handling around the plain
+//! Rust modules. Client errors become `InvalidRequest`/`RequestTooLarge` (both `ValueError`s)
+//! with the core's message as is; caller mistakes (bad limits, inconsistent batch arguments,
+//! malformed COPY data) become plain `ValueError`s so they are not mistaken for client errors
+//! and turned into `INVALID_ARGUMENT`.
+//!
+//! Output buffers are Python `bytes` allocated once at their exact size and filled in place.
+//! Work proportional to the payload runs with the GIL released once the input is large
+//! enough for that to pay off, so other Python threads (the event loop) keep running.
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyIndexError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::copy_in;
+use crate::copy_out;
+use crate::request::{quote, AppendRequest, ErrorKind, EventView, Limits, RequestError};
+use crate::uuids;
+use crate::versions;
+
+create_exception!(
+    eventstore._es_codec,
+    InvalidRequest,
+    PyValueError,
+    "The request is invalid; the message names the field. Maps to INVALID_ARGUMENT."
+);
+create_exception!(
+    eventstore._es_codec,
+    RequestTooLarge,
+    InvalidRequest,
+    "The request is over a size limit. Maps to RESOURCE_EXHAUSTED."
+);
+
+/// Inputs at least this large are processed with the GIL released. Below it, releasing and
+/// re-acquiring the GIL costs more than the work.
+const RELEASE_GIL_AT: usize = 64 * 1024;
+
+fn maybe_allow_threads<T, F>(py: Python<'_>, release: bool, f: F) -> T
+where
+    F: FnOnce() -> T + Send,
+    T: Send,
+{
+    if release {
+        py.allow_threads(f)
+    } else {
+        f()
+    }
+}
+
+fn request_error(e: RequestError) -> PyErr {
+    match e.kind {
+        ErrorKind::Invalid => InvalidRequest::new_err(e.message),
+        ErrorKind::TooLarge => RequestTooLarge::new_err(e.message),
+        ErrorKind::Internal => PyOSError::new_err(e.message),
+    }
+}
+
+fn value_error(e: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+fn limit(name: &str, v: i64, min: i64) -> PyResult<usize> {
+    if v < min {
+        return Err(PyValueError::new_err(format!(
+            "{name}: must be at least {min}, got {v}"
+        )));
+    }
+    Ok(usize::try_from(v).unwrap_or(usize::MAX))
+}
+
+/// A validated `AppendEventsRequest`. Immutable: built only by `parse`.
+#[pyclass(frozen, name = "AppendRequest", module = "eventstore._es_codec")]
+pub struct PyAppendRequest {
+    inner: AppendRequest,
+}
+
+impl PyAppendRequest {
+    /// Event `i`; no negative indexing: callers always have a real index.
+    fn event(&self, i: i64) -> PyResult<EventView<'_>> {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.inner.event(i))
+            .ok_or_else(|| {
+                PyIndexError::new_err(format!(
+                    "event index {i} out of range for {} events",
+                    self.inner.event_count()
+                ))
+            })
+    }
+}
+
+#[pymethods]
+impl PyAppendRequest {
+    /// Decodes and validates serialized `AppendEventsRequest` bytes.
+    #[staticmethod]
+    fn parse(py: Python<'_>, raw: &[u8], max_events: i64, max_event_bytes: i64) -> PyResult<Self> {
+        let limits = Limits {
+            max_events: limit("max_events", max_events, 1)?,
+            max_event_bytes: limit("max_event_bytes", max_event_bytes, 1)?,
+        };
+        maybe_allow_threads(py, raw.len() >= RELEASE_GIL_AT, || {
+            AppendRequest::parse(raw, limits)
+        })
+        .map(|inner| PyAppendRequest { inner })
+        .map_err(request_error)
+    }
+
+    #[getter]
+    fn stream_id(&self) -> String {
+        uuids::to_text(self.inner.stream_id())
+    }
+
+    #[getter]
+    fn stream_id_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.stream_id())
+    }
+
+    #[getter]
+    fn stream_type(&self) -> &str {
+        self.inner.stream_type()
+    }
+
+    #[getter]
+    fn expected_version(&self) -> Option<i64> {
+        self.inner.expected_version()
+    }
+
+    #[getter]
+    fn event_count(&self) -> usize {
+        self.inner.event_count()
+    }
+
+    #[getter]
+    fn payload_bytes(&self) -> usize {
+        self.inner.payload_bytes()
+    }
+
+    #[getter]
+    fn event_ids(&self) -> Vec<String> {
+        self.inner.event_ids().map(uuids::to_text).collect()
+    }
+
+    #[getter]
+    fn client_event_ids(&self) -> Vec<String> {
+        self.inner.client_event_ids().map(uuids::to_text).collect()
+    }
+
+    #[getter]
+    fn has_client_ids(&self) -> bool {
+        self.inner.has_client_ids()
+    }
+
+    fn event_type(&self, i: i64) -> PyResult<&str> {
+        Ok(self.event(i)?.event_type)
+    }
+
+    fn event_data<'py>(&self, py: Python<'py>, i: i64) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, self.event(i)?.data))
+    }
+
+    fn event_metadata<'py>(
+        &self,
+        py: Python<'py>,
+        i: i64,
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        Ok(self.event(i)?.metadata.map(|m| PyBytes::new(py, m)))
+    }
+
+    /// Serialized `AppendEventsResponse` for this request stored from `first_version` and
+    /// `first_position` on.
+    fn response<'py>(
+        &self,
+        py: Python<'py>,
+        first_version: i64,
+        first_position: i64,
+        snapshot_threshold: i64,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let resp = self
+            .inner
+            .response(first_version, first_position, snapshot_threshold)
+            .map_err(|e| PyValueError::new_err(e.0))?;
+        PyBytes::new_with(py, resp.encoded_len(), |buf| {
+            resp.write_into(buf);
+            Ok(())
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "AppendRequest(stream_id='{}', stream_type={}, event_count={}, expected_version={})",
+            uuids::to_text(self.inner.stream_id()),
+            quote(self.inner.stream_type().as_bytes()),
+            self.inner.event_count(),
+            self.inner
+                .expected_version()
+                .map_or_else(|| "None".to_owned(), |v| v.to_string()),
+        )
+    }
+}
+
+/// The optimistic-concurrency check of a batch; see `versions::check_versions`.
+#[pyfunction]
+#[allow(clippy::needless_pass_by_value)] // PyO3 can only extract a list into an owned Vec.
+fn check_versions(
+    current: Vec<i64>,
+    stream_index: Vec<i64>,
+    expected: Vec<Option<i64>>,
+    counts: Vec<i64>,
+) -> PyResult<Vec<i64>> {
+    versions::check_versions(&current, &stream_index, &expected, &counts).map_err(value_error)
+}
+
+/// The binary COPY payload inserting every event of `requests`.
+#[pyfunction]
+#[allow(clippy::needless_pass_by_value)] // PyO3 can only extract a list into an owned Vec.
+fn encode_copy<'py>(
+    py: Python<'py>,
+    requests: Vec<Bound<'py, PyAppendRequest>>,
+    first_versions: Vec<i64>,
+    first_position: i64,
+    created_at_us: i64,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let reqs: Vec<&AppendRequest> = requests.iter().map(|r| &r.get().inner).collect();
+    let plan = copy_in::plan(&reqs, &first_versions, first_position).map_err(value_error)?;
+    PyBytes::new_with(py, plan.len, |buf| {
+        // The new bytes object is not visible to any other code yet, so filling it without
+        // the GIL is safe.
+        maybe_allow_threads(py, plan.len >= RELEASE_GIL_AT, || {
+            copy_in::write(&reqs, &first_versions, first_position, created_at_us, buf);
+        });
+        Ok(())
+    })
+}
+
+/// A page of events from binary COPY output, as repeated field-1 `Event`s.
+#[pyfunction]
+fn encode_events<'py>(
+    py: Python<'py>,
+    copy_out: &[u8],
+    max_count: i64,
+    max_bytes: i64,
+) -> PyResult<(Bound<'py, PyBytes>, usize, i64, i64, bool)> {
+    let max_count = limit("max_count", max_count, 1)?;
+    let max_bytes = limit("max_bytes", max_bytes, 0)?;
+    // `bytes` are immutable, so reading `copy_out` without the GIL is safe.
+    let release = copy_out.len() >= RELEASE_GIL_AT;
+    let page = maybe_allow_threads(py, release, || {
+        copy_out::plan_page(copy_out, max_count, max_bytes)
+    })
+    .map_err(value_error)?;
+    let bytes = PyBytes::new_with(py, page.len, |buf| {
+        maybe_allow_threads(py, release, || copy_out::write_page(copy_out, &page, buf))
+            .map_err(value_error)
+    })?;
+    Ok((
+        bytes,
+        page.rows,
+        page.last_version,
+        page.last_position,
+        page.more,
+    ))
+}
+
+/// Every row of binary COPY output as `(position, serialized Event)`.
+#[pyfunction]
+fn encode_event_list<'py>(
+    py: Python<'py>,
+    copy_out: &[u8],
+) -> PyResult<Vec<(i64, Bound<'py, PyBytes>)>> {
+    let rows = maybe_allow_threads(py, copy_out.len() >= RELEASE_GIL_AT, || {
+        copy_out::all_rows(copy_out)
+    })
+    .map_err(value_error)?;
+    rows.iter()
+        .map(|row| {
+            let ev = row.event();
+            let bytes = PyBytes::new_with(py, ev.encoded_len(), |buf| {
+                ev.write_into(buf);
+                Ok(())
+            })?;
+            Ok((row.position, bytes))
+        })
+        .collect()
+}
+
+#[pymodule]
+#[pyo3(name = "_es_codec")]
+fn es_codec_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("InvalidRequest", py.get_type::<InvalidRequest>())?;
+    m.add("RequestTooLarge", py.get_type::<RequestTooLarge>())?;
+    m.add_class::<PyAppendRequest>()?;
+    m.add_function(wrap_pyfunction!(check_versions, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_copy, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_events, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_event_list, m)?)?;
+    Ok(())
+}
