@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -44,9 +45,10 @@ class PgCluster:
 
 
 @pytest.fixture(scope="session")
-def pg_cluster() -> PgCluster:
+def pg_cluster() -> Iterator[PgCluster]:
     external = os.environ.get("EVENTSTORE_TEST_DATABASE_URL")
     embedded = None
+    base: Path | None = None
     if external:
         admin_url = external
     else:
@@ -70,7 +72,10 @@ def pg_cluster() -> PgCluster:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
     with psycopg.connect(cluster.url_for(TEMPLATE), autocommit=True) as conn:
         apply_migrations(conn)
-    return cluster
+    yield cluster
+    if embedded is not None and base is not None:
+        embedded.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

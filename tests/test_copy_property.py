@@ -415,7 +415,14 @@ def test_json_numbers_agree_with_jsonb(pg_cluster: PgCluster) -> None:
     r'"\ud83d\ude00"',        # an escaped surrogate pair
     r'"\ud83d"',              # a lone surrogate
     f'{{"{NUMBER_MARKER}": "1"}}',
-    f'{{"{NUMBER_MARKER}": "1e999999"}}',
+    pytest.param(
+        f'{{"{NUMBER_MARKER}": "1e999999"}}',
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="known limitation: with serde_json's arbitrary_precision a user key equal to "
+            "its private number marker is checked as a number (README, Limits)",
+        ),
+    ),
     f'{{"{NUMBER_MARKER}": "abc"}}',
     f'{{"{NUMBER_MARKER}": 1, "b": 2}}',
     "1e131071", "1e131072", "9.9e131071", "1e-16383", "1e-16384", "0e-16384", "0.5e-16383",

@@ -322,3 +322,58 @@ async def test_unavailable_while_database_down_then_retry_succeeds(
                 assert not reads.unavailable, (
                     f"reads answered UNAVAILABLE after PostgreSQL was back: {reads.unavailable}")
             server_nursery.cancel_scope.cancel()
+
+
+async def test_outage_under_write_load_loses_and_duplicates_nothing(
+        private_pg: tuple[EmbeddedPostgres, str]) -> None:
+    """Writers keep appending (with expected versions and client event ids) while PostgreSQL
+    goes away for longer than writer_retry_seconds and comes back; each retries UNAVAILABLE
+    with the same request. Every stream ends up with each request stored exactly once."""
+    pg, url = private_pg
+    writers, appends = 8, 30
+    streams = [str(uuid.uuid4()) for _ in range(writers)]
+    ledger = Ledger()
+    unavailable = 0
+
+    async def write(no: int, client: PurerpcClient) -> None:
+        nonlocal unavailable
+        version = 0
+        for i in range(appends):
+            req = request(streams[no], 1 + (i % 3), f"w{no}a{i}", expected=version)
+            ledger.sent(req)
+            for _ in range(100):
+                try:
+                    reply = await client.call("AppendEvents", req)
+                    break
+                except RpcError as err:
+                    failure = err
+                assert failure.code == "UNAVAILABLE", failure
+                assert_plain(failure.message)
+                unavailable += 1
+                await trio.sleep(0.2)
+            else:
+                raise AssertionError(f"writer {no}: append {i} never succeeded")
+            assert reply.next_expected_version == version + len(req.events)
+            ledger.add(req, reply)
+            version = reply.next_expected_version
+            await trio.sleep(0.02)
+
+    with trio.fail_after(150):
+        async with trio.open_nursery() as server_nursery:
+            info = await server_nursery.start(serve, settings_for(url, 2.0))
+            async with PurerpcClient.connect(info.port) as client:
+                async with trio.open_nursery() as load:
+                    for no in range(writers):
+                        load.start_soon(write, no, client)
+                    await trio.sleep(0.5)
+                    await trio.to_thread.run_sync(pg.stop)
+                    await trio.sleep(3.5)
+                    await trio.to_thread.run_sync(pg.start)
+                print(f"{unavailable} UNAVAILABLE answers retried")
+                reads = Reads(client)
+                await check_stored(reads, ledger, streams)
+                for stream in streams:
+                    stored = await reads.stream(stream)
+                    assert len(stored) == sum(1 + (i % 3) for i in range(appends))
+                assert not reads.unavailable, reads.unavailable
+            server_nursery.cancel_scope.cancel()

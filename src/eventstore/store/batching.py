@@ -87,8 +87,8 @@ def classify_stored(event_ids: Sequence[str], stream_id: str, stream_type: str,
         return None
     if len(found) != len(hits):
         return Reused(
-            f"event id {found[0].event_id} is already stored, but not every event of this request is: "
-            "a retry must resend the original request unchanged"
+            f"event id {found[0].event_id} is already stored, but not every event of this "
+            "request is: a retry must resend the original request unchanged"
         )
     first = found[0]
     for offset, hit in enumerate(found):

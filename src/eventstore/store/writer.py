@@ -52,6 +52,23 @@ APPEND_LOCK_KEY = 0x65736170
 # PostgreSQL timestamps count microseconds from 2000-01-01 UTC.
 PG_EPOCH_OFFSET_US = 946_684_800_000_000
 
+_LOCK = "SELECT pg_advisory_xact_lock(%s)"
+_HEAD = "SELECT coalesce(max(position), 0) FROM events"
+_STORED_IDS = (
+    "SELECT event_id::text, stream_id::text, stream_type, version, position"
+    " FROM events WHERE event_id = ANY(%s::uuid[])"
+)
+_VERSIONS = (
+    "SELECT s.stream_id::text, s.stream_type, s.version FROM event_streams s"
+    " JOIN unnest(%s::uuid[], %s::text[]) AS k(id, t)"
+    " ON s.stream_id = k.id AND s.stream_type = k.t"
+)
+_UPSERT_STREAMS = (
+    "INSERT INTO event_streams AS s (stream_id, stream_type, version, created_at, updated_at)"
+    " SELECT k.id, k.t, k.v, %s, %s FROM unnest(%s::uuid[], %s::text[], %s::int8[]) AS k(id, t, v)"
+    " ON CONFLICT (stream_id, stream_type)"
+    " DO UPDATE SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at"
+)
 COPY_EVENTS = (
     "COPY events (event_id, stream_id, stream_type, version, event_type, data, metadata,"
     " created_at, position) FROM STDIN (FORMAT BINARY)"
@@ -170,7 +187,9 @@ class AppendWriter:
     def _connection(self) -> psycopg.Connection[TupleRow]:
         if self._conn is None or self._conn.closed:
             self._conn = connect(
-                self._url, statement_timeout_ms=self._settings.statement_timeout_ms
+                self._url,
+                statement_timeout_ms=self._settings.statement_timeout_ms,
+                custom_plans=True,
             )
         return self._conn
 
@@ -267,47 +286,75 @@ class AppendWriter:
                      batch: Sequence[PendingAppend]) -> list[Outcome]:
         requests = [pending.request for pending in batch]
         threshold = self._settings.snapshot_threshold
+        keys: dict[tuple[str, str], int] = {}
+        for request in requests:
+            keys.setdefault((request.stream_id, request.stream_type), len(keys))
+        client_ids = [event_id for request in requests for event_id in request.client_event_ids]
+        # One round trip: BEGIN, the lock, then — as separate statements, so with snapshots
+        # taken after the lock was granted — the head, the stored ids and the stream versions.
+        with conn.pipeline():
+            conn.execute(_LOCK, (APPEND_LOCK_KEY,))
+            head_cur = conn.execute(_HEAD)
+            ids_cur = conn.execute(_STORED_IDS, (client_ids,)) if client_ids else None
+            versions_cur = conn.execute(_VERSIONS, ([k[0] for k in keys], [k[1] for k in keys]))
+            head_row = head_cur.fetchone()
+            stored_rows = ids_cur.fetchall() if ids_cur is not None else []
+            version_rows = versions_cur.fetchall()
+        head = int(head_row[0]) if head_row else 0
+        current = [0] * len(keys)
+        for stream_id, stream_type, version in version_rows:
+            current[keys[(stream_id, stream_type)]] = int(version)
+
         outcomes: list[Outcome | None] = [None] * len(requests)
+        if stored_rows:
+            self._check_retries(conn, requests, outcomes,
+                                {row[0]: StoredEvent(*row) for row in stored_rows})
+        live = [i for i, outcome in enumerate(outcomes) if outcome is None]
         accepted: list[tuple[AppendRequest, int]] = []
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
-            cur.execute("SELECT coalesce(max(position), 0) FROM events")
-            head_row = cur.fetchone()
-            head = int(head_row[0]) if head_row else 0
-            self._check_retries(cur, requests, outcomes)
-            live = [i for i, outcome in enumerate(outcomes) if outcome is None]
-            if live:
-                keys: dict[tuple[str, str], int] = {}
-                index = [
-                    keys.setdefault((requests[i].stream_id, requests[i].stream_type), len(keys))
-                    for i in live
-                ]
-                firsts = check_versions(
-                    self._stream_versions(cur, keys),
-                    index,
-                    [requests[i].expected_version for i in live],
-                    [requests[i].event_count for i in live],
-                )
-                position = head + 1
-                for i, first in zip(live, firsts, strict=True):
-                    request = requests[i]
-                    if first < 0:
-                        expected = request.expected_version
-                        assert expected is not None
-                        outcomes[i] = WrongExpectedVersion(expected, -first - 1)
-                        continue
-                    outcomes[i] = request.response(first, position, threshold)
-                    accepted.append((request, first))
-                    position += request.event_count
-                if accepted:
-                    self._write(cur, accepted, head + 1)
+        if live:
+            firsts = check_versions(
+                current,
+                [keys[(requests[i].stream_id, requests[i].stream_type)] for i in live],
+                [requests[i].expected_version for i in live],
+                [requests[i].event_count for i in live],
+            )
+            position = head + 1
+            for i, first in zip(live, firsts, strict=True):
+                request = requests[i]
+                if first < 0:
+                    expected = request.expected_version
+                    assert expected is not None
+                    outcomes[i] = WrongExpectedVersion(expected, -first - 1)
+                    continue
+                outcomes[i] = request.response(first, position, threshold)
+                accepted.append((request, first))
+                position += request.event_count
         planned = [outcome for outcome in outcomes if outcome is not None]
         assert len(planned) == len(requests)
         if not accepted:
             conn.rollback()
             return planned
+
+        now_us = time.time_ns() // 1000
+        payload = encode_copy(
+            [request for request, _ in accepted],
+            [first for _, first in accepted],
+            head + 1,
+            now_us - PG_EPOCH_OFFSET_US,
+        )
+        with conn.cursor() as cur, cur.copy(COPY_EVENTS) as copy:
+            copy.write(payload)
+        final: dict[tuple[str, str], int] = {}
+        for request, first in accepted:
+            key = (request.stream_id, request.stream_type)
+            final[key] = max(final.get(key, 0), first + request.event_count - 1)
+        now = datetime.fromtimestamp(now_us / 1_000_000, tz=UTC)
         try:
-            conn.commit()
+            # The streams' new versions and COMMIT in one round trip.
+            with conn.pipeline():
+                conn.execute(_UPSERT_STREAMS, (now, now, [k[0] for k in final],
+                                               [k[1] for k in final], list(final.values())))
+                conn.commit()
         except Exception as exc:
             if is_connection_error(exc):
                 raise _OutcomeUnknown(planned, [r.event_ids[0] for r, _ in accepted]) from exc
@@ -316,59 +363,10 @@ class AppendWriter:
         self._committed.append((head + 1, head + count, count))
         return planned
 
-    def _write(self, cur: psycopg.Cursor[TupleRow], accepted: list[tuple[AppendRequest, int]],
-               first_position: int) -> None:
-        now_us = time.time_ns() // 1000
-        payload = encode_copy(
-            [request for request, _ in accepted],
-            [first for _, first in accepted],
-            first_position,
-            now_us - PG_EPOCH_OFFSET_US,
-        )
-        with cur.copy(COPY_EVENTS) as copy:
-            copy.write(payload)
-        final: dict[tuple[str, str], int] = {}
-        for request, first in accepted:
-            key = (request.stream_id, request.stream_type)
-            final[key] = max(final.get(key, 0), first + request.event_count - 1)
-        now = datetime.fromtimestamp(now_us / 1_000_000, tz=UTC)
-        cur.execute(
-            "INSERT INTO event_streams AS s (stream_id, stream_type, version, created_at,"
-            " updated_at) SELECT k.id, k.t, k.v, %s, %s"
-            " FROM unnest(%s::uuid[], %s::text[], %s::int8[]) AS k(id, t, v)"
-            " ON CONFLICT (stream_id, stream_type)"
-            " DO UPDATE SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at",
-            (now, now, [k[0] for k in final], [k[1] for k in final], list(final.values())),
-        )
-
-    @staticmethod
-    def _stream_versions(cur: psycopg.Cursor[TupleRow],
-                         keys: dict[tuple[str, str], int]) -> list[int]:
-        cur.execute(
-            "SELECT s.stream_id::text, s.stream_type, s.version FROM event_streams s"
-            " JOIN unnest(%s::uuid[], %s::text[]) AS k(id, t)"
-            " ON s.stream_id = k.id AND s.stream_type = k.t",
-            ([k[0] for k in keys], [k[1] for k in keys]),
-        )
-        current = [0] * len(keys)
-        for stream_id, stream_type, version in cur:
-            current[keys[(stream_id, stream_type)]] = int(version)
-        return current
-
-    def _check_retries(self, cur: psycopg.Cursor[TupleRow], requests: Sequence[AppendRequest],
-                       outcomes: list[Outcome | None]) -> None:
+    def _check_retries(self, conn: psycopg.Connection[TupleRow],
+                       requests: Sequence[AppendRequest], outcomes: list[Outcome | None],
+                       stored: dict[str, StoredEvent]) -> None:
         """Fill in the outcome of each request that is an idempotent retry or reuses ids."""
-        ids = [event_id for request in requests for event_id in request.client_event_ids]
-        if not ids:
-            return
-        cur.execute(
-            "SELECT event_id::text, stream_id::text, stream_type, version, position"
-            " FROM events WHERE event_id = ANY(%s::uuid[])",
-            (ids,),
-        )
-        stored = {row[0]: StoredEvent(*row) for row in cur}
-        if not stored:
-            return
         candidates: list[tuple[int, Retry]] = []
         for i, request in enumerate(requests):
             if not request.has_client_ids:
@@ -393,7 +391,7 @@ class AppendWriter:
                 datas.append(request.event_data(j).decode())
                 metas.append(metadata.decode() if metadata is not None else None)
                 owners.append(i)
-        cur.execute(
+        cur = conn.execute(
             "SELECT k.owner, bool_and(e.event_type = k.t AND e.data = k.d::jsonb"
             " AND e.metadata IS NOT DISTINCT FROM k.m::jsonb)"
             " FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::int4[])"

@@ -1,0 +1,255 @@
+"""Core throughput benchmark: appends and GetEvents, next to PostgreSQL's own rates.
+
+    python benches/core.py [--quick] [--out results.json]
+
+Starts its own PostgreSQL (embedded, durable settings) and the server as a separate process, as
+in production, then measures in one run:
+
+- appends/s at batch sizes 1, 10, 100 with 1 and 16 concurrent clients (grpcio's asyncio client,
+  one channel per client, each client appending to its own streams);
+- raw binary COPY into the same table (pre-encoded rows, one transaction per 1,000 events): the
+  database's ceiling for appends;
+- GetEvents events/s over one 10k-event stream (default pages) vs `COPY (SELECT …) TO STDOUT
+  (FORMAT BINARY)` of the same rows.
+
+Figures are ratios measured side by side in the same run; absolute numbers depend on the machine.
+Every load loop is bounded in time and count and talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import orjson
+import psycopg
+
+from eventstore import _es_codec as codec
+from eventstore.db.migrations import apply_migrations
+from eventstore.embedded import EmbeddedPostgres
+from eventstore.v1 import eventstore_pb2 as pb
+
+SERVICE = "/eventstore.v1.EventStoreService/"
+PAYLOAD = orjson.dumps({"word": "neko", "reading": "ねこ", "meaning": "cat", "level": 5,
+                        "tags": ["animal", "n5"], "example": "猫が好きです。" * 4})
+METADATA = orjson.dumps({"correlation_id": str(uuid.uuid4()), "service": "vocabulary"})
+
+
+def start_server(url: str) -> tuple[subprocess.Popen[bytes], int]:
+    env = {**os.environ, "DATABASE_URL": url, "PORT": "0", "HOST": "127.0.0.1",
+           "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen([sys.executable, "-m", "eventstore", "serve"], env=env,
+                            stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("msg") == "eventstore listening":
+            return proc, int(entry["grpc_port"])
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def new_events(n: int) -> list[pb.NewEvent]:
+    return [pb.NewEvent(event_id=str(uuid.uuid4()), event_type="WordAdded", data=PAYLOAD,
+                        metadata=METADATA) for _ in range(n)]
+
+
+async def append_load(port: int, clients: int, batch: int, seconds: float,
+                      max_requests: int) -> dict[str, float]:
+    """`clients` concurrent clients, each appending `batch` events per request to its own
+    streams, for `seconds` (or `max_requests` requests in all)."""
+    latencies: list[float] = []
+    events = 0
+    stop_at = time.monotonic() + seconds
+    sent = 0
+
+    async def one_client() -> None:
+        nonlocal events, sent
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(SERVICE + "AppendEvents",
+                                       request_serializer=pb.AppendEventsRequest.SerializeToString,
+                                       response_deserializer=pb.AppendEventsResponse.FromString)
+            stream = str(uuid.uuid4())
+            version = 0
+            while time.monotonic() < stop_at and sent < max_requests:
+                sent += 1
+                request = pb.AppendEventsRequest(stream_id=stream, stream_type="Bench",
+                                                 events=new_events(batch),
+                                                 expected_version=version)
+                t0 = time.perf_counter()
+                reply = await call(request, timeout=30)
+                latencies.append(time.perf_counter() - t0)
+                version = reply.next_expected_version
+                events += batch
+                if version >= 1000:
+                    stream, version = str(uuid.uuid4()), 0
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "events_per_s": events / elapsed,
+        "requests": len(latencies),
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    }
+
+
+def raw_copy(url: str, total: int, per_tx: int) -> float:
+    """Events/s of pre-encoded binary COPY into `events`, one transaction per `per_tx`."""
+    chunks = []
+    stream = str(uuid.uuid4())
+    with psycopg.connect(url) as conn:
+        head = conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+        for i in range(total // per_tx):
+            request = codec.AppendRequest.parse(
+                pb.AppendEventsRequest(stream_id=stream, stream_type="RawCopy",
+                                       events=new_events(per_tx)).SerializeToString(),
+                100_000, 1 << 24)
+            chunks.append(codec.encode_copy([request], [1 + i * per_tx],
+                                            head + 1 + i * per_tx, 0))
+        conn.commit()
+        t0 = time.perf_counter()
+        for payload in chunks:
+            with conn.cursor() as cur, cur.copy(
+                "COPY events (event_id, stream_id, stream_type, version, event_type, data,"
+                " metadata, created_at, position) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.write(payload)
+            conn.commit()
+        return total / (time.perf_counter() - t0)
+
+
+async def get_events_load(port: int, stream: str, rounds: int) -> float:
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
+        call = channel.unary_unary(SERVICE + "GetEvents",
+                                   request_serializer=pb.GetEventsRequest.SerializeToString,
+                                   response_deserializer=pb.GetEventsResponse.FromString)
+        count = 0
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            from_version = 0
+            while True:
+                reply = await call(pb.GetEventsRequest(stream_id=stream, stream_type="Read",
+                                                       from_version=from_version), timeout=30)
+                count += len(reply.events)
+                if not reply.has_more:
+                    break
+                from_version = reply.next_from_version
+        return count / (time.perf_counter() - t0)
+
+
+def copy_out(url: str, stream: str, rounds: int) -> float:
+    with psycopg.connect(url) as conn:
+        count = 0
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            with conn.cursor() as cur, cur.copy(
+                "COPY (SELECT event_id, stream_id, stream_type, version, event_type, data,"
+                " metadata, created_at, position FROM events WHERE stream_id = %s"
+                " AND stream_type = 'Read' ORDER BY version) TO STDOUT (FORMAT BINARY)",
+                (stream,),
+            ) as copy:
+                for _row in copy:
+                    count += 1
+        return (count - rounds) / (time.perf_counter() - t0)  # minus one trailer chunk a round
+
+
+async def seed_stream(port: int, stream: str, n: int) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(SERVICE + "AppendEvents",
+                                   request_serializer=pb.AppendEventsRequest.SerializeToString,
+                                   response_deserializer=pb.AppendEventsResponse.FromString)
+        for _ in range(n // 1000):
+            await call(pb.AppendEventsRequest(stream_id=stream, stream_type="Read",
+                                              events=new_events(1000)), timeout=60)
+
+
+async def measure(url: str, port: int, seconds: float, quick: bool) -> dict[str, object]:
+    appends = {}
+    for clients in (1, 16):
+        for batch in (1, 10, 100):
+            r = await append_load(port, clients, batch, seconds, 200_000)
+            appends[f"batch{batch}_clients{clients}"] = r
+            print(f"append batch={batch:<3} clients={clients:<2} "
+                  f"{r['events_per_s']:>9.0f} ev/s  p50 {r['p50_ms']:.2f} ms  "
+                  f"p99 {r['p99_ms']:.2f} ms", flush=True)
+    copy_in = raw_copy(url, 20_000 if quick else 50_000, 1000)
+    print(f"raw binary COPY in          {copy_in:>9.0f} ev/s", flush=True)
+    stream = str(uuid.uuid4())
+    await seed_stream(port, stream, 10_000)
+    rounds = 3 if quick else 10
+    get_rate = await get_events_load(port, stream, rounds)
+    out_rate = copy_out(url, stream, rounds)
+    print(f"GetEvents 10k stream        {get_rate:>9.0f} ev/s", flush=True)
+    print(f"COPY TO STDOUT same rows    {out_rate:>9.0f} ev/s", flush=True)
+    b100 = max(appends["batch100_clients16"]["events_per_s"],
+               appends["batch100_clients1"]["events_per_s"])
+    return {
+        "appends": appends,
+        "raw_copy_in_events_per_s": copy_in,
+        "get_events_events_per_s": get_rate,
+        "copy_out_events_per_s": out_rate,
+        "ratios": {
+            "batch100_appends_vs_copy_in": b100 / copy_in,
+            "get_events_vs_copy_out": get_rate / out_rate,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    seconds = 3.0 if args.quick else 8.0
+    results: dict[str, object] = {
+        "environment": {"python": platform.python_version(), "machine": platform.machine(),
+                        "cpus": os.cpu_count()},
+    }
+    with tempfile.TemporaryDirectory(prefix="es-bench-") as tmp:
+        pg = EmbeddedPostgres(Path(tmp) / "pgdata", extra_conf={"max_connections": "200"})
+        url = pg.url("bench")
+        with psycopg.connect(url, autocommit=True) as conn:
+            apply_migrations(conn)
+            results["environment"]["postgres"] = conn.execute(  # type: ignore[index]
+                "SHOW server_version").fetchone()[0]
+        proc, port = start_server(url)
+        try:
+            # One event loop for every load: grpc.aio binds its poller to the first loop.
+            results.update(asyncio.run(measure(url, port, seconds, args.quick)))
+            print(json.dumps(results["ratios"], indent=2))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            pg.stop()
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
