@@ -110,6 +110,10 @@ class _OutcomeUnknown(Exception):
         self.probe_ids = probe_ids
 
 
+class _StoredIdsMet(Exception):
+    """The COPY met an event id that is already stored."""
+
+
 class AppendWriter:
     """Owns the writer connection and the queue; `run` is the writer task."""
 
@@ -214,9 +218,16 @@ class AppendWriter:
         """Commit `batch`, retrying on a new connection until `writer_retry_seconds` pass."""
         deadline = time.monotonic() + self._settings.writer_retry_seconds
         delay = 0.05
+        check_all_ids = False
         while True:
             try:
-                return self._commit_once(self._connection(), batch)
+                return self._commit_once(self._connection(), batch, check_all_ids=check_all_ids)
+            except _StoredIdsMet:
+                # An accepted request carried an id that is already stored (a retry, or a
+                # reuse): run the batch again with every client id looked up first.
+                self._rollback()
+                check_all_ids = True
+                continue
             except _OutcomeUnknown as unknown:
                 self._drop_connection()
                 reconciled = self._reconcile(unknown, deadline)
@@ -282,14 +293,26 @@ class AppendWriter:
             for planned in unknown.planned
         ]
 
-    def _commit_once(self, conn: psycopg.Connection[TupleRow],
-                     batch: Sequence[PendingAppend]) -> list[Outcome]:
+    def _commit_once(self, conn: psycopg.Connection[TupleRow], batch: Sequence[PendingAppend],
+                     *, check_all_ids: bool) -> list[Outcome]:
+        """One attempt at committing `batch`.
+
+        Idempotency costs nothing on the common path: client ids are looked up first only when
+        `check_all_ids`; otherwise only for requests that fail the version check (a retry with
+        a stale expected version must still be answered as a retry), and the unique index on
+        event_id catches any other stored id during the COPY (`_StoredIdsMet`: the caller then
+        retries with `check_all_ids`). Either way a request's ids are checked before its
+        expected version decides, as API.md requires.
+        """
         requests = [pending.request for pending in batch]
         threshold = self._settings.snapshot_threshold
         keys: dict[tuple[str, str], int] = {}
         for request in requests:
             keys.setdefault((request.stream_id, request.stream_type), len(keys))
-        client_ids = [event_id for request in requests for event_id in request.client_event_ids]
+        client_ids = (
+            [event_id for request in requests for event_id in request.client_event_ids]
+            if check_all_ids else []
+        )
         # One round trip: BEGIN, the lock, then — as separate statements, so with snapshots
         # taken after the lock was granted — the head, the stored ids and the stream versions.
         with conn.pipeline():
@@ -319,16 +342,27 @@ class AppendWriter:
                 [requests[i].event_count for i in live],
             )
             position = head + 1
+            conflicted: list[int] = []
             for i, first in zip(live, firsts, strict=True):
                 request = requests[i]
                 if first < 0:
                     expected = request.expected_version
                     assert expected is not None
                     outcomes[i] = WrongExpectedVersion(expected, -first - 1)
+                    if request.has_client_ids and not check_all_ids:
+                        conflicted.append(i)
                     continue
                 outcomes[i] = request.response(first, position, threshold)
                 accepted.append((request, first))
                 position += request.event_count
+            if conflicted:
+                # A conflict may be a retry whose expected version is stale: ids decide first.
+                ids = [e for i in conflicted for e in requests[i].client_event_ids]
+                rows = conn.execute(_STORED_IDS, (ids,)).fetchall()
+                if rows:
+                    self._check_retries(conn, requests, outcomes,
+                                        {row[0]: StoredEvent(*row) for row in rows},
+                                        only=conflicted)
         planned = [outcome for outcome in outcomes if outcome is not None]
         assert len(planned) == len(requests)
         if not accepted:
@@ -342,8 +376,13 @@ class AppendWriter:
             head + 1,
             now_us - PG_EPOCH_OFFSET_US,
         )
-        with conn.cursor() as cur, cur.copy(COPY_EVENTS) as copy:
-            copy.write(payload)
+        try:
+            with conn.cursor() as cur, cur.copy(COPY_EVENTS) as copy:
+                copy.write(payload)
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name == "events_pkey":
+                raise _StoredIdsMet from exc
+            raise
         final: dict[tuple[str, str], int] = {}
         for request, first in accepted:
             key = (request.stream_id, request.stream_type)
@@ -365,10 +404,12 @@ class AppendWriter:
 
     def _check_retries(self, conn: psycopg.Connection[TupleRow],
                        requests: Sequence[AppendRequest], outcomes: list[Outcome | None],
-                       stored: dict[str, StoredEvent]) -> None:
-        """Fill in the outcome of each request that is an idempotent retry or reuses ids."""
+                       stored: dict[str, StoredEvent], only: list[int] | None = None) -> None:
+        """Set the outcome of each request (of `only`, if given) that is an idempotent retry
+        or reuses ids."""
         candidates: list[tuple[int, Retry]] = []
-        for i, request in enumerate(requests):
+        for i in range(len(requests)) if only is None else only:
+            request = requests[i]
             if not request.has_client_ids:
                 continue
             verdict = classify_stored(
