@@ -123,6 +123,7 @@ def encode_events(
     COPY data (the whole input is checked) or a limit out of range.
     """
 
-def encode_event_list(copy_out: bytes) -> list[tuple[int, bytes]]:
-    """``(position, serialized Event)`` for every row of the same COPY output as
-    encode_events, the Event without a field wrapper. Raises ValueError on malformed data."""
+def encode_event_list(copy_out: bytes) -> list[tuple[int, int, str, str, str, bytes]]:
+    """``(position, version, stream_id, stream_type, event_type, serialized Event)`` for every
+    row of the same COPY output as encode_events (stream_id in canonical lower case; the Event
+    without a field wrapper). Raises ValueError on malformed data."""

@@ -57,6 +57,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     read_reply_max_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 3_500_000
     # ReadAll with a filter scans at most this many positions per call.
     read_all_scan_window: Positive = 100_000
+    # Live delivery: the shared window of recent events every subscriber reads from.
+    live_window_events: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    live_window_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
+    # The feed also polls this often, in case a commit notification was missed.
+    live_poll_ms: Annotated[int, msgspec.Meta(ge=10)] = 1000
+    # A subscription's checkpoint interval when its request says 0.
+    checkpoint_interval_ms: Annotated[int, msgspec.Meta(ge=10)] = 1000
     statement_timeout_ms: NonNegative = 30_000
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"

@@ -16,6 +16,7 @@ from eventstore.embedded import EmbeddedPostgres
 from eventstore.grpc.service import EventStoreService
 from eventstore.grpc.transport import GrpcServer
 from eventstore.store.reader import Reader
+from eventstore.store.subscriptions import LiveFeed, listen_for_commits
 from eventstore.store.writer import AppendWriter
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,14 @@ def migrate(url: str) -> list[str]:
         return [f"{m.version:03d}_{m.name}" for m in apply_migrations(conn)]
 
 
-async def serve(settings: Settings, *,
+# After a shutdown request, how long open subscriptions get to end with UNAVAILABLE.
+SHUTDOWN_GRACE_SECONDS = 0.5
+
+
+async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
                 task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the service until cancelled. Reports `ServerInfo` once the gRPC port is bound."""
+    """Run the service until cancelled, or until `shutdown` is set (then subscriptions end
+    with UNAVAILABLE first). Reports `ServerInfo` once the gRPC port is bound."""
     url = settings.database_url
     if url is None:
         embedded = await trio.to_thread.run_sync(start_embedded, settings)
@@ -57,23 +63,39 @@ async def serve(settings: Settings, *,
     reader = Reader(url, settings)
     reader.open()
     try:
-        service = EventStoreService(settings, writer, reader)
+        feed = LiveFeed(reader, settings)
+        writer.add_listener(lambda first, last, count: feed.wake())
+        service = EventStoreService(settings, writer, reader, feed)
         grpc_server = GrpcServer(service.methods(), max_request_bytes=settings.max_request_bytes)
         async with trio.open_nursery() as nursery:
             await nursery.start(writer.run)
+            await nursery.start(feed.run)
+            await nursery.start(listen_for_commits, url, feed)
             port = await nursery.start(grpc_server.serve, settings.host, settings.port)
             log.info("eventstore listening", extra={"grpc_port": port})
             task_status.started(ServerInfo(port=port, database_url=url))
+            if shutdown is not None:
+                await shutdown.wait()
+                log.info("shutting down")
+                feed.close()
+                await trio.sleep(SHUTDOWN_GRACE_SECONDS)
+                nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(reader.close)
 
 
 async def serve_until_signalled(settings: Settings) -> None:
     """`serve`, stopped by SIGTERM or SIGINT."""
+    shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve, settings)
-            async for signum in signals:
-                log.info("stopping", extra={"signal": signal.Signals(signum).name})
-                nursery.cancel_scope.cancel()
-                break
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                    shutdown.set()
+                    return
+
+            nursery.start_soon(on_signal)
+            await serve(settings, shutdown=shutdown)
+            nursery.cancel_scope.cancel()

@@ -264,12 +264,16 @@ fn encode_events<'py>(
     ))
 }
 
-/// Every row of binary COPY output as `(position, serialized Event)`.
+/// (position, version, stream_id, stream_type, event_type, serialized Event) per row: what
+/// live delivery needs to filter and send an event without decoding it again.
+type LiveEvent<'py> = (i64, i64, String, String, String, Bound<'py, PyBytes>);
+
+/// Every row of binary COPY output as a `LiveEvent`.
 #[pyfunction]
 fn encode_event_list<'py>(
     py: Python<'py>,
     copy_out: &[u8],
-) -> PyResult<Vec<(i64, Bound<'py, PyBytes>)>> {
+) -> PyResult<Vec<LiveEvent<'py>>> {
     let rows = maybe_allow_threads(py, copy_out.len() >= RELEASE_GIL_AT, || {
         copy_out::all_rows(copy_out)
     })
@@ -281,7 +285,14 @@ fn encode_event_list<'py>(
                 ev.write_into(buf);
                 Ok(())
             })?;
-            Ok((row.position, bytes))
+            Ok((
+                row.position,
+                row.version,
+                uuids::to_text(&row.stream_id),
+                row.stream_type.to_owned(),
+                row.event_type.to_owned(),
+                bytes,
+            ))
         })
         .collect()
 }

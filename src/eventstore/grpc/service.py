@@ -13,11 +13,16 @@ from eventstore.config import Settings
 from eventstore.errors import InvalidArgument, LimitExceeded
 from eventstore.grpc.status import Unimplemented
 from eventstore.grpc.transport import Method
+from eventstore.store.live import Selector
 from eventstore.store.reader import Reader
+from eventstore.store.subscriptions import LiveFeed, SubscriptionSpec, subscribe
 from eventstore.store.validation import (
+    EventFilter,
+    check_name,
     parse_filter,
     parse_position_range,
     parse_stream_range,
+    parse_uuid,
 )
 from eventstore.store.writer import AppendWriter
 from eventstore.v1 import eventstore_pb2 as pb
@@ -51,10 +56,12 @@ def parse_append(raw: bytes, settings: Settings) -> codec.AppendRequest:
 
 
 class EventStoreService:
-    def __init__(self, settings: Settings, writer: AppendWriter, reader: Reader) -> None:
+    def __init__(self, settings: Settings, writer: AppendWriter, reader: Reader,
+                 feed: LiveFeed) -> None:
         self._settings = settings
         self._writer = writer
         self._reader = reader
+        self._feed = feed
 
     def methods(self) -> dict[str, Method]:
         prefix = SERVICE_NAME + "/"
@@ -102,11 +109,52 @@ class EventStoreService:
     async def save_snapshot(self, raw: bytes, request: RequestReceived) -> bytes:
         raise Unimplemented("SaveSnapshot is not implemented yet")
 
+    def _delivery(self, max_batch_size: int, checkpoint_interval_ms: int) -> tuple[int, float]:
+        if max_batch_size < 0:
+            raise InvalidArgument(f"max_batch_size: must not be negative, got {max_batch_size}")
+        if checkpoint_interval_ms < 0:
+            raise InvalidArgument(
+                f"checkpoint_interval_ms: must not be negative, got {checkpoint_interval_ms}")
+        interval = checkpoint_interval_ms or self._settings.checkpoint_interval_ms
+        return min(max_batch_size, self._settings.read_page_max), interval / 1000
+
     async def subscribe_to_stream(self, raw: bytes,
                                   request: RequestReceived) -> AsyncIterator[bytes]:
-        raise Unimplemented("SubscribeToStream is not implemented yet")
-        yield b""  # pragma: no cover - makes this an async generator
+        msg = decode(pb.SubscribeRequest, raw)
+        stream_type = check_name("stream_type", msg.stream_type)
+        max_batch, interval = self._delivery(msg.max_batch_size, msg.checkpoint_interval_ms)
+        if msg.stream_id:
+            stream_id = parse_uuid("stream_id", msg.stream_id)
+            if msg.from_position:
+                raise InvalidArgument("from_position: must be 0 when stream_id is given "
+                                      "(use from_version)")
+            if msg.from_version < 0:
+                raise InvalidArgument(
+                    f"from_version: must not be negative, got {msg.from_version}")
+            after = 0
+            if msg.from_version and msg.include_existing:
+                after = await self._reader.stream_start(stream_id, stream_type, msg.from_version)
+            selector = Selector(EventFilter((stream_type,)), stream_id, msg.from_version)
+        else:
+            if msg.from_version:
+                raise InvalidArgument("from_version: must be 0 without stream_id "
+                                      "(use from_position)")
+            if msg.from_position < 0:
+                raise InvalidArgument(
+                    f"from_position: must not be negative, got {msg.from_position}")
+            after = msg.from_position
+            selector = Selector(EventFilter((stream_type,)))
+        spec = SubscriptionSpec(selector, after, msg.include_existing, max_batch, interval)
+        async for message in subscribe(self._feed, self._reader, spec):
+            yield message
 
     async def subscribe_to_all(self, raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
-        raise Unimplemented("SubscribeToAll is not implemented yet")
-        yield b""  # pragma: no cover
+        msg = decode(pb.SubscribeAllRequest, raw)
+        event_filter = parse_filter(msg.filter.stream_types, msg.filter.event_type_prefixes)
+        if msg.from_position < 0:
+            raise InvalidArgument(f"from_position: must not be negative, got {msg.from_position}")
+        max_batch, interval = self._delivery(msg.max_batch_size, msg.checkpoint_interval_ms)
+        spec = SubscriptionSpec(Selector(event_filter), msg.from_position,
+                                msg.include_existing, max_batch, interval)
+        async for message in subscribe(self._feed, self._reader, spec):
+            yield message

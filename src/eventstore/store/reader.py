@@ -23,10 +23,11 @@ from psycopg import pq, sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from eventstore._es_codec import encode_events
+from eventstore._es_codec import encode_event_list, encode_events
 from eventstore.config import Settings
 from eventstore.db.connection import APPLICATION_NAME
 from eventstore.db.errors import is_connection_error, to_domain
+from eventstore.store.live import LiveEvent, Selector
 from eventstore.store.validation import PositionRange, StreamRange, like_prefix
 from eventstore.v1 import eventstore_pb2 as pb
 
@@ -112,6 +113,29 @@ class Reader:
     async def head_position(self) -> int:
         return await self._run("reading the head position", self._head)
 
+    async def events_after(self, selector: Selector, after: int,
+                           limit: int) -> tuple[list[LiveEvent], int, bool]:
+        """Selected events after position `after`, oldest first: (events, the position they
+        reach, whether more may follow). The position can lie past the last event when the
+        selector skipped events; everything selected up to it has been returned."""
+        return await self._run(
+            "reading events", lambda conn: self._events_after(conn, selector, after, limit)
+        )
+
+    def position_of_version(self, conn: Conn, stream_id: str, stream_type: str,
+                            version: int) -> int:
+        """The position of a stream's event at `version` (or its last event below it)."""
+        row = conn.execute(
+            "SELECT position FROM events WHERE stream_id = %s AND stream_type = %s"
+            " AND version <= %s ORDER BY version DESC LIMIT 1",
+            (stream_id, stream_type, version),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    async def stream_start(self, stream_id: str, stream_type: str, version: int) -> int:
+        return await self._run("reading a stream", lambda conn: self.position_of_version(
+            conn, stream_id, stream_type, version))
+
     # -- in worker threads --------------------------------------------------------------------
 
     @staticmethod
@@ -151,6 +175,43 @@ class Reader:
         if size == -2 or final.status != pq.ExecStatus.COMMAND_OK:
             raise _result_error(conn, final)
         return b"".join(chunks)
+
+    def _events_after(self, conn: Conn, selector: Selector, after: int,
+                      limit: int) -> tuple[list[LiveEvent], int, bool]:
+        head = self._head(conn)
+        if head <= after:
+            return [], after, False
+        where = [sql.SQL("position > %s AND position <= %s")]
+        params: list[object] = [after]
+        order = sql.SQL("position")
+        if selector.stream_id is not None:
+            # One stream: its version index bounds the scan, whatever the history's size.
+            upper = head
+            params.append(upper)
+            where.append(sql.SQL("stream_id = %s AND stream_type = %s AND version > %s"))
+            params += [selector.stream_id, selector.filter.stream_types[0],
+                       selector.after_version]
+            order = sql.SQL("version")
+        else:
+            upper = head if selector.filter.empty else min(
+                head, after + self._settings.read_all_scan_window)
+            params.append(upper)
+            if selector.filter.stream_types:
+                where.append(sql.SQL("stream_type = ANY(%s)"))
+                params.append(list(selector.filter.stream_types))
+            if selector.filter.event_type_prefixes:
+                where.append(sql.SQL("event_type LIKE ANY(%s)"))
+                params.append([like_prefix(p) for p in selector.filter.event_type_prefixes])
+        params.append(limit + 1)
+        query = sql.SQL("SELECT {} FROM events WHERE {} ORDER BY {} LIMIT %s").format(
+            sql.SQL(EVENT_COLUMNS), sql.SQL(" AND ").join(where), order)
+        with conn.cursor() as cur:
+            data = self._copy_rows(cur, query, tuple(params))
+        events = [LiveEvent(*row) for row in encode_event_list(data)]
+        if len(events) > limit:
+            del events[limit:]
+            return events, events[-1].position, True
+        return events, upper, upper < head
 
     def _get_events(self, conn: Conn, q: StreamRange) -> bytes:
         reply = pb.GetEventsResponse()

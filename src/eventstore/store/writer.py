@@ -69,6 +69,7 @@ _UPSERT_STREAMS = (
     " ON CONFLICT (stream_id, stream_type)"
     " DO UPDATE SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at"
 )
+_NOTIFY = "NOTIFY eventstore_commits"
 COPY_EVENTS = (
     "COPY events (event_id, stream_id, stream_type, version, event_type, data, metadata,"
     " created_at, position) FROM STDIN (FORMAT BINARY)"
@@ -393,6 +394,9 @@ class AppendWriter:
             with conn.pipeline():
                 conn.execute(_UPSERT_STREAMS, (now, now, [k[0] for k in final],
                                                [k[1] for k in final], list(final.values())))
+                # Wakes the live feeds of other server processes: once per batch, not per
+                # request (a NOTIFY in every transaction serializes commits cluster-wide).
+                conn.execute(_NOTIFY)
                 conn.commit()
         except Exception as exc:
             if is_connection_error(exc):

@@ -1,0 +1,170 @@
+"""I/O-free parts of live delivery: the shared window of recent events, what a subscription
+selects, and how notifications are framed.
+
+One feed task per server reads each committed batch from PostgreSQL once and appends it to a
+bounded `Window`; every subscriber that follows the head reads from that window instead of
+querying the database. A subscriber that falls behind the window's start (slow, stalled, or
+just subscribed from far back) catches up from the database by itself, so a slow reader costs
+no memory beyond the window every subscriber shares, and writers never wait for readers.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from eventstore.store.validation import EventFilter
+
+
+@dataclass(frozen=True, slots=True)
+class LiveEvent:
+    """A committed event with what filters need; `data` is the serialized `Event`."""
+
+    position: int
+    version: int
+    stream_id: str
+    stream_type: str
+    event_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which events a subscription delivers.
+
+    `stream_id` (with exactly one stream type) narrows to one stream; `after_version` then
+    skips that stream's events up to a version (SubscribeToStream's `from_version`).
+    """
+
+    filter: EventFilter = field(default_factory=EventFilter)
+    stream_id: str | None = None
+    after_version: int = 0
+
+    def matches(self, event: LiveEvent) -> bool:
+        if self.stream_id is not None:
+            return (event.stream_id == self.stream_id
+                    and event.stream_type == self.filter.stream_types[0]
+                    and event.version > self.after_version)
+        return self.filter.matches(event.stream_type, event.event_type)
+
+
+class Window:
+    """The most recent committed events, covering positions (start, end].
+
+    Every event with a position in (start, end] is in the window (positions may have holes,
+    so `start` is kept explicitly rather than taken from the first event). `extend` evicts from
+    the front to stay within the limits; evicting raises `start`.
+    """
+
+    def __init__(self, head: int, *, max_events: int, max_bytes: int) -> None:
+        self.start = head
+        self.end = head
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._events: deque[LiveEvent] = deque()
+        self._positions: deque[int] = deque()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def covers(self, after: int) -> bool:
+        """True when every event after `after`, up to `end`, is in the window."""
+        return self.start <= after <= self.end
+
+    def extend(self, events: list[LiveEvent], new_end: int) -> None:
+        """Append `events` (ascending, all after `end`); the window now reaches `new_end`."""
+        if new_end < self.end:
+            raise ValueError("the window cannot move backwards")
+        for event in events:
+            self._events.append(event)
+            self._positions.append(event.position)
+            self._bytes += len(event.data)
+        self.end = new_end
+        while self._events and (len(self._events) > self._max_events
+                                or self._bytes > self._max_bytes):
+            evicted = self._events.popleft()
+            self._positions.popleft()
+            self._bytes -= len(evicted.data)
+            self.start = evicted.position
+        if not self._events:
+            self.start = self.end
+
+    def since(self, after: int, limit: int) -> tuple[list[LiveEvent], int]:
+        """Up to `limit` events after `after` (which `covers`), and the position they reach:
+        `end` when they are all of them, else the last one's position."""
+        first = bisect.bisect_right(self._positions, after)
+        last = min(len(self._events), first + limit)
+        events = [self._events[i] for i in range(first, last)]
+        if last < len(self._events):
+            return events, events[-1].position if events else after
+        return events, self.end
+
+
+# -- framing: EventNotification is a oneof; fields are written by hand around ready bytes -----
+
+_EVENT = 1  # EventNotification.event (also EventBatch.events)
+_BATCH = 2
+_CHECKPOINT = 3
+_CAUGHT_UP = 4
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _position_message(position: int) -> bytes:
+    # Checkpoint / CaughtUp: { int64 position = 1 } (omitted when 0, as proto3 does)
+    return b"\x08" + _varint(position) if position else b""
+
+
+def event_notification(event: LiveEvent) -> bytes:
+    return _field(_EVENT, event.data)
+
+
+def batch_notification(events: list[LiveEvent]) -> bytes:
+    return _field(_BATCH, b"".join(_field(_EVENT, e.data) for e in events))
+
+
+def checkpoint_notification(position: int) -> bytes:
+    return _field(_CHECKPOINT, _position_message(position))
+
+
+def caught_up_notification(position: int) -> bytes:
+    return _field(_CAUGHT_UP, _position_message(position))
+
+
+def frame(events: list[LiveEvent], max_batch: int, max_bytes: int) -> list[bytes]:
+    """The notifications that carry `events`: one per event when max_batch ≤ 1, else batches
+    of at most `max_batch` events and about `max_bytes` bytes (at least one event each)."""
+    if max_batch <= 1:
+        return [event_notification(e) for e in events]
+    out: list[bytes] = []
+    chunk: list[LiveEvent] = []
+    size = 0
+    for event in events:
+        if chunk and (len(chunk) >= max_batch or size + len(event.data) > max_bytes):
+            out.append(batch_notification(chunk))
+            chunk, size = [], 0
+        chunk.append(event)
+        size += len(event.data) + 6
+    if chunk:
+        out.append(batch_notification(chunk))
+    return out

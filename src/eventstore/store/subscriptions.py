@@ -1,0 +1,228 @@
+"""Live delivery: the feed task that follows the head, and subscriptions.
+
+`LiveFeed.run` keeps one `Window` of recent events per server process. It is woken after each
+local commit (the writer's listener), by PostgreSQL NOTIFY for commits made by other server
+processes (`listen_for_commits`), and by a slow poll as a safety net; each wake-up reads what
+was committed since, once, for every subscriber.
+
+`subscribe` is one subscription: it catches up from the database while it is behind the window,
+then follows the window. Events arrive in position order, each once, with no gap: the cursor
+only moves to positions up to which everything selected has been sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import psycopg
+import trio
+
+from eventstore.config import Settings
+from eventstore.db.connection import connect
+from eventstore.db.errors import is_connection_error
+from eventstore.errors import Unavailable
+from eventstore.store.live import (
+    Selector,
+    Window,
+    caught_up_notification,
+    checkpoint_notification,
+    frame,
+)
+from eventstore.store.reader import Reader
+
+log = logging.getLogger(__name__)
+
+COMMIT_CHANNEL = "eventstore_commits"
+# A page of catch-up or of the feed's reads.
+READ_PAGE = 5_000
+# Bytes of one batch notification (grpcio's default receive limit is 4 MiB).
+BATCH_MAX_BYTES = 3_500_000
+# Idle subscriptions send at least this often, so a client that went away is noticed
+# (purerpc sees a cancelled stream only when it next sends).
+HEARTBEAT_SECONDS = 2.0
+
+
+class LiveFeed:
+    """The shared window of recent events and the task that fills it."""
+
+    def __init__(self, reader: Reader, settings: Settings) -> None:
+        self._reader = reader
+        self._settings = settings
+        self.window: Window | None = None
+        self._wake = trio.Event()
+        self._grew = trio.Event()
+        self._closed = False
+        self._subscribers = 0
+
+    @property
+    def subscribers(self) -> int:
+        return self._subscribers
+
+    def wake(self) -> None:
+        """Something was committed: read it soon. Cheap; call it as often as you like."""
+        self._wake.set()
+
+    def close(self) -> None:
+        """End every subscription with UNAVAILABLE (server shutting down)."""
+        self._closed = True
+        self._grew.set()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the server is shutting down; resubscribe to another server")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        head = await self._reader.head_position()
+        self.window = Window(head, max_events=self._settings.live_window_events,
+                             max_bytes=self._settings.live_window_bytes)
+        task_status.started()
+        poll = self._settings.live_poll_ms / 1000
+        while True:
+            with trio.move_on_after(poll):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            try:
+                await self._read_new()
+            except Unavailable:
+                log.warning("live feed cannot read new events; retrying")
+                await trio.sleep(min(poll, 1.0))
+
+    async def _read_new(self) -> None:
+        window = self.window
+        assert window is not None
+        everything = Selector()
+        while True:
+            events, reached, more = await self._reader.events_after(
+                everything, window.end, READ_PAGE)
+            if reached > window.end:
+                window.extend(events, reached)
+                self._grew.set()
+                self._grew = trio.Event()
+            if not more:
+                return
+
+    async def wait_beyond(self, position: int, seconds: float) -> bool:
+        """Wait at most `seconds` until the window reaches past `position`; False if not."""
+        with trio.move_on_after(seconds):
+            while not self._closed:
+                window = self.window
+                if window is not None and window.end > position:
+                    return True
+                await self._grew.wait()
+        self._check_open()
+        return False
+
+
+@dataclass(frozen=True)
+class SubscriptionSpec:
+    """A validated SubscribeToStream / SubscribeToAll request."""
+
+    selector: Selector
+    after: int  # position (exclusive)
+    include_existing: bool
+    max_batch: int
+    checkpoint_seconds: float
+
+
+async def subscribe(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
+                    ) -> AsyncIterator[bytes]:
+    """The serialized EventNotifications of one subscription, until the client goes away or
+    the server shuts down (then `Unavailable`)."""
+    feed._subscribers += 1
+    try:
+        async for message in _subscription(feed, reader, spec):
+            yield message
+    finally:
+        feed._subscribers -= 1
+
+
+async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
+                        ) -> AsyncIterator[bytes]:
+    selector = spec.selector
+    window = feed.window
+    assert window is not None
+    interval = min(spec.checkpoint_seconds, HEARTBEAT_SECONDS)
+    # Everything committed before the call: history ends here (the feed may not have read it
+    # all yet, so the window's end is not the answer).
+    history_end = await reader.head_position()
+    caught_up = False
+    if spec.include_existing:
+        position = spec.after
+    else:
+        position = history_end
+        caught_up = True
+        yield caught_up_notification(position)
+    last_sent = time.monotonic()
+
+    while True:
+        feed._check_open()
+        if window.covers(position):
+            events, reached = window.since(position, READ_PAGE)
+            selected = [e for e in events if selector.matches(e)]
+        elif position < window.start:
+            # Behind the window: catch up from the database.
+            selected, reached, _ = await reader.events_after(selector, position, READ_PAGE)
+        else:
+            # Ahead of the window (the feed has not read the newest commit yet).
+            if not await feed.wait_beyond(position, interval):
+                yield checkpoint_notification(position)
+                last_sent = time.monotonic()
+            continue
+
+        for message in frame(selected, spec.max_batch, BATCH_MAX_BYTES):
+            yield message
+            last_sent = time.monotonic()
+        if selected and selector.stream_id is not None:
+            selector = Selector(selector.filter, selector.stream_id, selected[-1].version)
+        position = reached
+        if not caught_up and position >= history_end and window.covers(position):
+            caught_up = True
+            yield caught_up_notification(position)
+            last_sent = time.monotonic()
+        if window.covers(position) and position == window.end:
+            # Live and idle: wait for the next commit, with heartbeats/checkpoints.
+            remaining = max(0.0, last_sent + interval - time.monotonic())
+            if not await feed.wait_beyond(position, remaining):
+                yield checkpoint_notification(position)
+                last_sent = time.monotonic()
+        elif time.monotonic() - last_sent >= interval:
+            yield checkpoint_notification(position)
+            last_sent = time.monotonic()
+        await trio.lowlevel.checkpoint()
+
+
+async def listen_for_commits(url: str, feed: LiveFeed, *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                             ) -> None:
+    """Wake the feed on every NOTIFY from any server process's writer (one per committed
+    batch). Reconnects by itself; the feed's poll covers the time it is away."""
+    task_status.started()
+    conn: psycopg.Connection[psycopg.rows.TupleRow] | None = None
+
+    def wait_for_notifies() -> int:
+        nonlocal conn
+        if conn is None or conn.closed:
+            conn = connect(url, autocommit=True)
+            conn.execute(f"LISTEN {COMMIT_CHANNEL}")
+        return sum(1 for _ in conn.notifies(timeout=1.0))
+
+    try:
+        while True:
+            try:
+                received = await trio.to_thread.run_sync(wait_for_notifies)
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                if conn is not None:
+                    conn.close()
+                conn = None
+                await trio.sleep(1.0)
+                continue
+            if received:
+                feed.wake()
+    finally:
+        if conn is not None:
+            conn.close()
