@@ -198,31 +198,46 @@ async def listen_for_commits(url: str, feed: LiveFeed, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                              ) -> None:
     """Wake the feed on every NOTIFY from any server process's writer (one per committed
-    batch). Reconnects by itself; the feed's poll covers the time it is away."""
+    batch). Reconnects by itself; the feed's poll covers the time it is away.
+
+    The waiting happens in a worker thread that is abandoned on cancellation (a blocked libpq
+    wait cannot be interrupted); the thread then closes the connection itself.
+    """
     task_status.started()
-    conn: psycopg.Connection[psycopg.rows.TupleRow] | None = None
+    state: dict[str, object] = {"conn": None, "stopping": False, "waiting": False}
 
     def wait_for_notifies() -> int:
-        nonlocal conn
-        if conn is None or conn.closed:
+        conn = state["conn"]
+        if not isinstance(conn, psycopg.Connection) or conn.closed:
             conn = connect(url, autocommit=True)
             conn.execute(f"LISTEN {COMMIT_CHANNEL}")
-        return sum(1 for _ in conn.notifies(timeout=1.0))
+            state["conn"] = conn
+        try:
+            return sum(1 for _ in conn.notifies(timeout=0.5))
+        finally:
+            state["waiting"] = False
+            if state["stopping"]:
+                conn.close()
 
     try:
         while True:
             try:
-                received = await trio.to_thread.run_sync(wait_for_notifies)
+                state["waiting"] = True
+                received = await trio.to_thread.run_sync(wait_for_notifies,
+                                                         abandon_on_cancel=True)
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise
-                if conn is not None:
+                conn = state["conn"]
+                if isinstance(conn, psycopg.Connection):
                     conn.close()
-                conn = None
+                state["conn"] = None
                 await trio.sleep(1.0)
                 continue
             if received:
                 feed.wake()
     finally:
-        if conn is not None:
+        state["stopping"] = True
+        conn = state["conn"]
+        if not state["waiting"] and isinstance(conn, psycopg.Connection):
             conn.close()
