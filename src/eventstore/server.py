@@ -28,6 +28,8 @@ class ServerInfo:
 
     port: int
     database_url: str
+    # The live feed (tests and metrics look at its window and subscriber count).
+    feed: LiveFeed | None = None
 
 
 def start_embedded(settings: Settings) -> EmbeddedPostgres:
@@ -73,7 +75,7 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
             await nursery.start(listen_for_commits, url, feed)
             port = await nursery.start(grpc_server.serve, settings.host, settings.port)
             log.info("eventstore listening", extra={"grpc_port": port})
-            task_status.started(ServerInfo(port=port, database_url=url))
+            task_status.started(ServerInfo(port=port, database_url=url, feed=feed))
             if shutdown is not None:
                 await shutdown.wait()
                 log.info("shutting down")
