@@ -46,25 +46,30 @@ PAYLOAD = orjson.dumps({"word": "neko", "reading": "ねこ", "meaning": "cat", "
 METADATA = orjson.dumps({"correlation_id": str(uuid.uuid4()), "service": "vocabulary"})
 
 
-def start_server(url: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(url: str, log_path: Path | None = None,
+                 extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """Run `eventstore serve` as its own process; its log goes to a file (a pipe nobody reads
+    would fill up and stall the server)."""
+    if log_path is None:
+        log_path = Path(tempfile.mkdtemp(prefix="es-bench-log-")) / "server.log"
     env = {**os.environ, "DATABASE_URL": url, "PORT": "0", "HOST": "127.0.0.1",
-           "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
+           "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **(extra_env or {})}
+    log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "eventstore", "serve"], env=env,
-                            stderr=subprocess.PIPE)
-    assert proc.stderr is not None
+                            stderr=log, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("msg") == "eventstore listening":
-            return proc, int(entry["grpc_port"])
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in log_path.read_bytes().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("msg") == "eventstore listening":
+                print(f"server log: {log_path}", flush=True)
+                return proc, int(entry["grpc_port"])
+        time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"server did not start; see {log_path}")
 
 
 def new_events(n: int) -> list[pb.NewEvent]:

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
+import h2.exceptions
 import trio
 from anyio.streams.tls import TLSListener
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpclib.connection import GRPCConfiguration
 from purerpc.grpclib.events import RequestReceived
+from purerpc.grpclib.exceptions import StreamClosedError
 from purerpc.grpclib.status import Status, StatusCode
 
 from eventstore.errors import EventStoreError, LimitExceeded
@@ -30,6 +32,15 @@ log = logging.getLogger(__name__)
 
 UnaryHandler = Callable[[bytes, RequestReceived], Awaitable[bytes]]
 StreamHandler = Callable[[bytes, RequestReceived], AsyncIterator[bytes]]
+
+# What sending on a stream raises once its client has gone (RST_STREAM, closed socket).
+CLIENT_GONE = (
+    h2.exceptions.StreamClosedError,
+    StreamClosedError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    ConnectionError,
+)
 
 # purerpc tears a whole connection down for a message over its limit; keep ours below it.
 TRANSPORT_MAX_MESSAGE = 32 * 1024 * 1024
@@ -135,6 +146,9 @@ class GrpcServer:
                     if aclose is not None:
                         await aclose()
             await stream.close(Status(StatusCode.OK))
+        except CLIENT_GONE:
+            # The client cancelled or disconnected: nobody is left to answer.
+            log.debug("client went away during %s/%s", event.service_name, event.method_name)
         except EventStoreError as error:
             status, trailers = to_status(error)
             await stream.close(status, custom_metadata=trailers)
