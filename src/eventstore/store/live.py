@@ -143,6 +143,11 @@ def batch_notification(events: list[LiveEvent]) -> bytes:
     return _field(_BATCH, b"".join(_field(_EVENT, e.data) for e in events))
 
 
+def batch_body_notification(body: bytes) -> bytes:
+    """A batch notification around an EventBatch body that is already serialized."""
+    return _field(_BATCH, body)
+
+
 def checkpoint_notification(position: int) -> bytes:
     return _field(_CHECKPOINT, _position_message(position))
 

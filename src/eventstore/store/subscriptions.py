@@ -27,6 +27,7 @@ from eventstore.errors import Unavailable
 from eventstore.store.live import (
     Selector,
     Window,
+    batch_body_notification,
     caught_up_notification,
     checkpoint_notification,
     frame,
@@ -162,6 +163,15 @@ async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
         if window.covers(position):
             events, reached = window.since(position, READ_PAGE)
             selected = [e for e in events if selector.matches(e)]
+        elif position < window.start and spec.max_batch > 1:
+            # Behind the window, in batches: one query per batch, encoded in Rust.
+            page = await reader.batch_after(selector, position, spec.max_batch, BATCH_MAX_BYTES)
+            if page.count:
+                yield batch_body_notification(page.body)
+                last_sent = time.monotonic()
+                if selector.stream_id is not None:
+                    selector = Selector(selector.filter, selector.stream_id, page.last_version)
+            selected, reached = [], page.reached
         elif position < window.start:
             # Behind the window: catch up from the database.
             selected, reached, _ = await reader.events_after(selector, position, READ_PAGE)
