@@ -85,8 +85,9 @@ def database_url(pg_cluster: PgCluster) -> str:
 
 
 def make_settings(database_url: str, **overrides: object) -> Settings:
-    return load_settings({}, database_url=database_url, host="127.0.0.1", port=0,
-                         log_format="text", **overrides)
+    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, "log_format": "text"}
+    values.update(overrides)
+    return load_settings({}, database_url=database_url, **values)
 
 
 @pytest.fixture

@@ -260,12 +260,20 @@ async def test_size_limits_are_resource_exhausted(nursery: trio.Nursery,
         assert (await append(api, sid(), events(5))).next_expected_version == 5
 
 
-async def test_unimplemented_rpcs_answer_unimplemented(api: Any) -> None:
-    with pytest.raises(RpcError) as err:
-        await api.call("SaveSnapshot", pb.SaveSnapshotRequest(stream_id=sid(),
-                                                              stream_type="X", version=1,
-                                                              data=b"{}"))
-    assert err.value.code == "UNIMPLEMENTED"
+async def test_unknown_method_answers_unimplemented(server: Any) -> None:
+    import grpc
+
+    g = GrpcioClient(server.port)
+    try:
+        rpc = g._channel.unary_unary(
+            "/eventstore.v1.EventStoreService/DropEverything",
+            request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            await trio.to_thread.run_sync(lambda: rpc(b"", timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        assert "DropEverything" in (err.value.details() or "")  # type: ignore[attr-defined]
+    finally:
+        g.close()
 
 
 async def test_many_requests_in_one_batch_resolve_individually(client: PurerpcClient) -> None:

@@ -38,6 +38,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     eventstore_data_dir: str = msgspec.field(default_factory=_default_data_dir)
     snapshot_threshold: NonNegative = 100
     snapshot_retention_days: NonNegative = 30
+    # How often the retention task runs.
+    snapshot_retention_interval_seconds: Annotated[float, msgspec.Meta(ge=0.01)] = 3600.0
+    max_snapshot_bytes: Annotated[int, msgspec.Meta(ge=16)] = 16 * 1024 * 1024 - 4096
     # Reader connections (GetEvents, ReadAll); the writer has its own connection.
     db_pool_size: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
     # Group commit: one transaction takes at most this much of what is queued.

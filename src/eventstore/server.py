@@ -16,6 +16,7 @@ from eventstore.embedded import EmbeddedPostgres
 from eventstore.grpc.service import EventStoreService
 from eventstore.grpc.transport import GrpcServer
 from eventstore.store.reader import Reader
+from eventstore.store.snapshots import Snapshots, run_retention
 from eventstore.store.subscriptions import LiveFeed, listen_for_commits
 from eventstore.store.writer import AppendWriter
 
@@ -64,15 +65,18 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
     writer = AppendWriter(url, settings)
     reader = Reader(url, settings)
     reader.open()
+    snapshots = Snapshots(url, settings)
+    snapshots.open()
     try:
         feed = LiveFeed(reader, settings)
         writer.add_listener(lambda first, last, count: feed.wake())
-        service = EventStoreService(settings, writer, reader, feed)
+        service = EventStoreService(settings, writer, reader, feed, snapshots)
         grpc_server = GrpcServer(service.methods(), max_request_bytes=settings.max_request_bytes)
         async with trio.open_nursery() as nursery:
             await nursery.start(writer.run)
             await nursery.start(feed.run)
             await nursery.start(listen_for_commits, url, feed)
+            await nursery.start(run_retention, snapshots, settings)
             port = await nursery.start(grpc_server.serve, settings.host, settings.port)
             log.info("eventstore listening", extra={"grpc_port": port})
             task_status.started(ServerInfo(port=port, database_url=url, feed=feed))
@@ -84,6 +88,7 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
                 nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(reader.close)
+        await trio.to_thread.run_sync(snapshots.close)
 
 
 async def serve_until_signalled(settings: Settings) -> None:

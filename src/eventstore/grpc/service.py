@@ -11,10 +11,10 @@ from purerpc.grpclib.events import RequestReceived
 from eventstore import _es_codec as codec
 from eventstore.config import Settings
 from eventstore.errors import InvalidArgument, LimitExceeded
-from eventstore.grpc.status import Unimplemented
 from eventstore.grpc.transport import Method
 from eventstore.store.live import Selector
 from eventstore.store.reader import Reader
+from eventstore.store.snapshots import Snapshots, check_snapshot_data, snapshot_message
 from eventstore.store.subscriptions import LiveFeed, SubscriptionSpec, subscribe
 from eventstore.store.validation import (
     EventFilter,
@@ -57,11 +57,12 @@ def parse_append(raw: bytes, settings: Settings) -> codec.AppendRequest:
 
 class EventStoreService:
     def __init__(self, settings: Settings, writer: AppendWriter, reader: Reader,
-                 feed: LiveFeed) -> None:
+                 feed: LiveFeed, snapshots: Snapshots) -> None:
         self._settings = settings
         self._writer = writer
         self._reader = reader
         self._feed = feed
+        self._snapshots = snapshots
 
     def methods(self) -> dict[str, Method]:
         prefix = SERVICE_NAME + "/"
@@ -104,10 +105,29 @@ class EventStoreService:
         return await self._reader.read_all(query)
 
     async def get_snapshot(self, raw: bytes, request: RequestReceived) -> bytes:
-        raise Unimplemented("GetSnapshot is not implemented yet")
+        msg = decode(pb.GetSnapshotRequest, raw)
+        stream_id = parse_uuid("stream_id", msg.stream_id)
+        stream_type = check_name("stream_type", msg.stream_type)
+        max_version = msg.max_version if msg.HasField("max_version") else None
+        if max_version is not None and max_version < 0:
+            raise InvalidArgument(f"max_version: must not be negative, got {max_version}")
+        snapshot = await self._snapshots.latest(stream_id, stream_type, max_version)
+        reply = pb.GetSnapshotResponse(found=snapshot is not None)
+        if snapshot is not None:
+            reply.snapshot.CopyFrom(snapshot_message(snapshot))
+        return bytes(reply.SerializeToString())
 
     async def save_snapshot(self, raw: bytes, request: RequestReceived) -> bytes:
-        raise Unimplemented("SaveSnapshot is not implemented yet")
+        msg = decode(pb.SaveSnapshotRequest, raw)
+        stream_id = parse_uuid("stream_id", msg.stream_id)
+        stream_type = check_name("stream_type", msg.stream_type)
+        if msg.version < 1:
+            raise InvalidArgument(f"version: must be at least 1, got {msg.version}")
+        check_snapshot_data(msg.data, self._settings.max_snapshot_bytes)
+        saved = await self._snapshots.save(stream_id, stream_type, msg.version, msg.data)
+        reply = pb.SaveSnapshotResponse(snapshot_id=saved.snapshot_id)
+        reply.created_at.FromDatetime(saved.created_at)
+        return bytes(reply.SerializeToString())
 
     def _delivery(self, max_batch_size: int, checkpoint_interval_ms: int) -> tuple[int, float]:
         if max_batch_size < 0:

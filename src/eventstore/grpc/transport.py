@@ -98,6 +98,11 @@ class GrpcServer:
         except Exception as exc:
             # A peer that resets or speaks bad HTTP/2 only ends its own connection.
             log.debug("gRPC connection ended: %s", type(exc).__name__)
+        finally:
+            # purerpc does not close the socket; without this the peer sees no EOF and the
+            # descriptor lives until garbage collection.
+            with trio.CancelScope(shield=True):
+                await byte_stream.aclose()
 
     async def _request(self, stream: GRPCProtoStream) -> None:
         try:

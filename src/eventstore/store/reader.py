@@ -19,7 +19,6 @@ from typing import TypeVar
 
 import psycopg
 import trio
-from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg import pq, sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -29,6 +28,7 @@ from eventstore.config import Settings
 from eventstore.db.connection import APPLICATION_NAME
 from eventstore.db.errors import is_connection_error, to_domain
 from eventstore.store.live import LiveEvent, Selector
+from eventstore.store.snapshots import latest_snapshot, snapshot_message
 from eventstore.store.validation import PositionRange, StreamRange, like_prefix
 from eventstore.v1 import eventstore_pb2 as pb
 
@@ -259,13 +259,14 @@ class Reader:
             ).fetchone()
             reply.stream_version = int(row[0]) if row else 0
             first = q.first
-            if q.include_snapshot:
-                snapshot = self._latest_snapshot(cur, q.stream_id, q.stream_type, q.last)
-                if snapshot is not None:
-                    reply.snapshot.CopyFrom(snapshot)
-                    first = max(first, snapshot.version + 1)
-            # Never past the version read above: the events agree with stream_version.
+            # Never past the version read above: the snapshot and the events agree with
+            # stream_version, even while appends and snapshot saves go on.
             last = reply.stream_version if q.last is None else min(q.last, reply.stream_version)
+            if q.include_snapshot:
+                snapshot = latest_snapshot(conn, q.stream_id, q.stream_type, last)
+                if snapshot is not None:
+                    reply.snapshot.CopyFrom(snapshot_message(snapshot))
+                    first = max(first, snapshot.version + 1)
             events = b""
             count = 0
             if reply.stream_version and first <= last:
@@ -286,24 +287,6 @@ class Reader:
                     first = last_version + 1
         reply.next_from_version = first
         return events + reply.SerializeToString()
-
-    @staticmethod
-    def _latest_snapshot(cur: psycopg.Cursor[TupleRow], stream_id: str, stream_type: str,
-                         max_version: int | None) -> pb.Snapshot | None:
-        row = cur.execute(
-            "SELECT snapshot_id::text, version, data::text, created_at FROM snapshots"
-            " WHERE stream_id = %s AND stream_type = %s AND version <= %s"
-            " ORDER BY version DESC LIMIT 1",
-            (stream_id, stream_type, max_version if max_version is not None else 2**63 - 1),
-        ).fetchone()
-        if row is None:
-            return None
-        created = Timestamp()
-        created.FromDatetime(row[3])
-        return pb.Snapshot(
-            snapshot_id=row[0], stream_id=stream_id, stream_type=stream_type,
-            version=row[1], data=row[2].encode(), created_at=created,
-        )
 
     def _read_all(self, conn: Conn, q: PositionRange) -> bytes:
         reply = pb.ReadAllResponse()
