@@ -178,7 +178,7 @@ async def measure(url: str, port: int, quick: bool) -> dict[str, object]:
     baseline = copy_out_all(url)
     print(f"SubscribeToAll catch-up      {rate:>9.0f} ev/s", flush=True)
     print(f"COPY TO STDOUT same rows     {baseline:>9.0f} ev/s", flush=True)
-    results.update({"catch_up_events_per_s": rate, "copy_out_events_per_s": baseline,
+    results.update({"catch_up_events_per_s": rate, "catch_up_copy_out_events_per_s": baseline,
                     "ratios": {"catch_up_vs_copy_out": rate / baseline}})
     return results
 

@@ -1,0 +1,121 @@
+"""The benchmark suite: one command, quick or full mode, one JSON result.
+
+    python benches/run.py --quick [--out benches/results/latest.json]
+    python benches/run.py --full
+
+It starts its own PostgreSQL (embedded, durable settings) and runs the server as a separate
+process, as in production, then measures in one run, side by side with PostgreSQL's own rates on
+the same table (figures are compared as ratios, so a faster or slower machine does not move
+them):
+
+- appends: batch sizes 1, 10, 100 × 1 and 16 clients (events/s, p50/p99 latency), next to raw
+  binary COPY into the same table;
+- reads: GetEvents over a 10k-event stream, next to COPY TO STDOUT of the same rows;
+- live: commit-to-delivery latency with 1, 16, 64 subscribers; SubscribeToAll catch-up over
+  100k (quick) / 1M (full) events, next to COPY TO STDOUT of the same rows.
+
+`benches/compare.py RESULT benches/baseline.json` gates on the ratios (see the README).
+Every load is bounded in time and count and uses 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import core
+import live
+
+from eventstore.db.migrations import apply_migrations
+from eventstore.embedded import EmbeddedPostgres
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment(url: str) -> dict[str, object]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    with psycopg.connect(url, autocommit=True) as conn:
+        settings = {name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                    for name in ("server_version", "shared_buffers", "synchronous_commit",
+                                 "fsync", "wal_level", "max_wal_size")}
+    versions = {}
+    for package in ("eventstore", "purerpc", "trio", "psycopg", "grpcio", "protobuf"):
+        try:
+            from importlib.metadata import version
+
+            versions[package] = version(package)
+        except Exception:
+            versions[package] = "?"
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "cpu": cpu, "cpus": os.cpu_count(), "postgres": settings, "packages": versions,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+async def measure_all(url: str, port: int, quick: bool) -> dict[str, object]:
+    seconds = 3.0 if quick else 8.0
+    results = await core.measure(url, port, seconds, quick)
+    live_results = await live.measure(url, port, quick)
+    ratios = dict(results.pop("ratios"))  # type: ignore[call-overload]
+    ratios.update(live_results.pop("ratios"))  # type: ignore[call-overload]
+    results.update(live_results)
+    results["ratios"] = ratios
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a few minutes (the CI mode)")
+    mode.add_argument("--full", action="store_true", help="longer loads, 1M-event catch-up")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args()
+    quick = not args.full
+    with tempfile.TemporaryDirectory(prefix="es-bench-") as tmp:
+        pg = EmbeddedPostgres(Path(tmp) / "pgdata", extra_conf={"max_connections": "200"})
+        try:
+            url = pg.url("bench")
+            with psycopg.connect(url, autocommit=True) as conn:
+                apply_migrations(conn)
+            proc, port = core.start_server(url, Path(tmp) / "server.log")
+            try:
+                results = asyncio.run(measure_all(url, port, quick))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            results["mode"] = "quick" if quick else "full"
+            results["environment"] = environment(url)
+        finally:
+            pg.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print("\nratios to the in-run baselines:")
+    for name, value in results["ratios"].items():  # type: ignore[attr-defined]
+        print(f"  {name:<34} {value:6.2f}")
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
