@@ -160,6 +160,11 @@ async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
 
     while True:
         feed._check_open()
+        if not caught_up and position >= history_end:
+            # History is delivered (or was skipped: from_position beyond the head).
+            caught_up = True
+            yield caught_up_notification(position)
+            last_sent = time.monotonic()
         if window.covers(position):
             events, reached = window.since(position, READ_PAGE)
             selected = [e for e in events if selector.matches(e)]
@@ -188,7 +193,7 @@ async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
         if selected and selector.stream_id is not None:
             selector = Selector(selector.filter, selector.stream_id, selected[-1].version)
         position = reached
-        if not caught_up and position >= history_end and window.covers(position):
+        if not caught_up and position >= history_end:
             caught_up = True
             yield caught_up_notification(position)
             last_sent = time.monotonic()
@@ -223,7 +228,8 @@ async def listen_for_commits(url: str, feed: LiveFeed, *,
             conn.execute(f"LISTEN {COMMIT_CHANNEL}")
             state["conn"] = conn
         try:
-            return sum(1 for _ in conn.notifies(timeout=0.5))
+            # stop_after=1: wake the feed on the first notification, not after the timeout.
+            return sum(1 for _ in conn.notifies(timeout=0.5, stop_after=1))
         finally:
             state["waiting"] = False
             if state["stopping"]:
