@@ -181,6 +181,37 @@ def copy_out(url: str, stream: str, rounds: int) -> float:
         return (count - rounds) / (time.perf_counter() - t0)  # minus one trailer chunk a round
 
 
+async def load_with_snapshot(port: int, stream: str, rounds: int) -> tuple[float, float]:
+    """Seconds per rebuild of the stream: GetEvents with include_snapshot (the snapshot and
+    the events since), and a full replay of every event."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        save = channel.unary_unary(SERVICE + "SaveSnapshot",
+                                   request_serializer=pb.SaveSnapshotRequest.SerializeToString,
+                                   response_deserializer=pb.SaveSnapshotResponse.FromString)
+        get = channel.unary_unary(SERVICE + "GetEvents",
+                                  request_serializer=pb.GetEventsRequest.SerializeToString,
+                                  response_deserializer=pb.GetEventsResponse.FromString)
+        await save(pb.SaveSnapshotRequest(stream_id=stream, stream_type="Read", version=9_900,
+                                          data=PAYLOAD), timeout=30)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            reply = await get(pb.GetEventsRequest(stream_id=stream, stream_type="Read",
+                                                  include_snapshot=True), timeout=30)
+            assert reply.snapshot.version == 9_900 and len(reply.events) == 100
+        with_snapshot = (time.perf_counter() - t0) / rounds
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            from_version = 0
+            while True:
+                reply = await get(pb.GetEventsRequest(stream_id=stream, stream_type="Read",
+                                                      from_version=from_version), timeout=30)
+                if not reply.has_more:
+                    break
+                from_version = reply.next_from_version
+        replay = (time.perf_counter() - t0) / rounds
+    return with_snapshot, replay
+
+
 async def seed_stream(port: int, stream: str, n: int) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(SERVICE + "AppendEvents",
@@ -209,6 +240,9 @@ async def measure(url: str, port: int, seconds: float, quick: bool) -> dict[str,
     out_rate = copy_out(url, stream, rounds)
     print(f"GetEvents 10k stream        {get_rate:>9.0f} ev/s", flush=True)
     print(f"COPY TO STDOUT same rows    {out_rate:>9.0f} ev/s", flush=True)
+    with_snapshot, replay = await load_with_snapshot(port, stream, rounds * 3)
+    print(f"rebuild 10k stream: snapshot@9900 + 100 events {1000 * with_snapshot:.2f} ms,"
+          f" full replay {1000 * replay:.2f} ms", flush=True)
     b100 = max(appends["batch100_clients16"]["events_per_s"],
                appends["batch100_clients1"]["events_per_s"])
     return {
@@ -216,6 +250,8 @@ async def measure(url: str, port: int, seconds: float, quick: bool) -> dict[str,
         "raw_copy_in_events_per_s": copy_in,
         "get_events_events_per_s": get_rate,
         "copy_out_events_per_s": out_rate,
+        "rebuild_with_snapshot_ms": 1000 * with_snapshot,
+        "rebuild_full_replay_ms": 1000 * replay,
         "ratios": {
             "batch100_appends_vs_copy_in": b100 / copy_in,
             "get_events_vs_copy_out": get_rate / out_rate,

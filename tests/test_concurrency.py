@@ -7,17 +7,10 @@ Every loop is bounded in count and runs under `trio.fail_after`; everything is o
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import orjson
@@ -28,6 +21,7 @@ from eventstore.server import ServerInfo
 from eventstore.v1 import eventstore_pb2 as pb
 from tests.clients import PurerpcClient, RpcError
 from tests.conftest import PgCluster
+from tests.processes import eventstore_process
 
 pytestmark = pytest.mark.slow
 
@@ -302,84 +296,6 @@ async def test_64_writers_many_streams_with_a_readall_follower(server: ServerInf
 
 
 # -- two server processes on one database ----------------------------------------------------
-
-
-@dataclass
-class ServerProcess:
-    port: int
-    stderr: list[str]
-    returncode: int | None = None
-
-
-async def _drain(stream: trio.abc.ReceiveStream, lines: list[str], *,
-                 task_status: trio.TaskStatus[int]) -> None:
-    """Collect the process's stderr lines; report the gRPC port from the JSON log line
-    `eventstore listening`; keep draining so the pipe never fills."""
-    buffer = b""
-    started = False
-    while True:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            break
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            line = raw.decode(errors="replace")
-            lines.append(line)
-            if started:
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("msg") == "eventstore listening":
-                started = True
-                task_status.started(int(entry["grpc_port"]))
-    if buffer:
-        lines.append(buffer.decode(errors="replace"))
-    if not started:
-        raise RuntimeError("eventstore serve ended before listening:\n" + "\n".join(lines[-40:]))
-
-
-@asynccontextmanager
-async def eventstore_process(database_url: str) -> AsyncIterator[ServerProcess]:
-    """A real `eventstore serve` subprocess; SIGTERM (then SIGKILL) on the way out."""
-    env = dict(os.environ)
-    env.update(DATABASE_URL=database_url, HOST="127.0.0.1", PORT="0", HTTP_PORT="0",
-               LOG_FORMAT="json", LOG_LEVEL="INFO")
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "eventstore.cli", "serve"],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    lines: list[str] = []
-    info: ServerProcess | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            assert proc.stderr is not None
-            with trio.fail_after(60):
-                port = await nursery.start(_drain, proc.stderr, lines)
-            info = ServerProcess(port, lines)
-            try:
-                yield info
-            finally:
-                with trio.CancelScope(shield=True):
-                    await _stop(proc)
-                    info.returncode = proc.returncode
-    finally:
-        with trio.CancelScope(shield=True):
-            await _stop(proc)
-            if proc.stderr is not None:
-                await proc.stderr.aclose()
-
-
-async def _stop(proc: trio.Process) -> None:
-    if proc.returncode is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    with trio.move_on_after(20):
-        await proc.wait()
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
 
 
 async def test_two_server_processes_one_database(pg_cluster: PgCluster) -> None:
