@@ -29,6 +29,13 @@ from eventstore.store.batching import (
     classify_stored,
     take_batch,
 )
+from eventstore.store.live import (
+    LiveEvent,
+    Window,
+    caught_up_notification,
+    checkpoint_notification,
+    frame,
+)
 from eventstore.store.validation import (
     EventFilter,
     like_prefix,
@@ -162,3 +169,42 @@ def test_status_table_covers_every_domain_error() -> None:
 def test_public_exports() -> None:
     for name in eventstore.__all__:
         assert hasattr(eventstore, name), name
+
+
+def live_event(position: int, size: int = 10) -> LiveEvent:
+    return LiveEvent(position, 1, "s", "T", "E", b"x" * size)
+
+
+def test_window_covers_evicts_and_reads_from_anywhere() -> None:
+    window = Window(0, max_events=2000, max_bytes=10**9)
+    assert window.covers(0) and not window.covers(1) and window.since(0, 10) == ([], 0)
+    for start in range(0, 10_000, 100):  # holes: every other position
+        window.extend([live_event(p) for p in range(start + 2, start + 101, 2)], start + 100)
+    assert len(window) == 2000 and window.end == 10_000
+    assert window.start == 6000 and not window.covers(5999) and window.covers(6000)
+    events, reached = window.since(6000, 5)
+    assert [e.position for e in events] == [6002, 6004, 6006, 6008, 6010] and reached == 6010
+    events, reached = window.since(9990, 100)
+    assert [e.position for e in events] == [9992, 9994, 9996, 9998, 10_000]
+    assert reached == 10_000
+    window.extend([], 10_050)  # a hole at the head: covered, nothing to read
+    assert window.since(10_000, 10) == ([], 10_050)
+
+
+def test_window_byte_limit() -> None:
+    window = Window(0, max_events=1000, max_bytes=100)
+    window.extend([live_event(p, 30) for p in range(1, 6)], 5)
+    assert len(window) == 3 and window.size_bytes == 90 and window.start == 2
+
+
+def test_framing_round_trips_through_protobuf() -> None:
+    from eventstore.v1 import eventstore_pb2 as pb
+
+    event = pb.Event(event_id="e", version=3, position=7)
+    live = LiveEvent(7, 3, "s", "T", "E", event.SerializeToString())
+    assert pb.EventNotification.FromString(frame([live], 1, 1000)[0]).event == event
+    batches = frame([live] * 5, 2, 10**6)
+    assert [len(pb.EventNotification.FromString(b).batch.events) for b in batches] == [2, 2, 1]
+    assert pb.EventNotification.FromString(checkpoint_notification(300)).checkpoint.position \
+        == 300
+    assert pb.EventNotification.FromString(caught_up_notification(0)).HasField("caught_up")

@@ -11,7 +11,6 @@ no memory beyond the window every subscriber shares, and writers never wait for 
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from dataclasses import dataclass, field
 
 from eventstore.store.validation import EventFilter
@@ -55,6 +54,9 @@ class Window:
     Every event with a position in (start, end] is in the window (positions may have holes,
     so `start` is kept explicitly rather than taken from the first event). `extend` evicts from
     the front to stay within the limits; evicting raises `start`.
+
+    Events live in a list with a moving head (`_first`), compacted now and then, so that
+    reading from anywhere in a full window is a slice, not a walk (a deque's middle is O(n)).
     """
 
     def __init__(self, head: int, *, max_events: int, max_bytes: int) -> None:
@@ -62,12 +64,13 @@ class Window:
         self.end = head
         self._max_events = max_events
         self._max_bytes = max_bytes
-        self._events: deque[LiveEvent] = deque()
-        self._positions: deque[int] = deque()
+        self._events: list[LiveEvent] = []
+        self._positions: list[int] = []
+        self._first = 0
         self._bytes = 0
 
     def __len__(self) -> int:
-        return len(self._events)
+        return len(self._events) - self._first
 
     @property
     def size_bytes(self) -> int:
@@ -86,21 +89,24 @@ class Window:
             self._positions.append(event.position)
             self._bytes += len(event.data)
         self.end = new_end
-        while self._events and (len(self._events) > self._max_events
-                                or self._bytes > self._max_bytes):
-            evicted = self._events.popleft()
-            self._positions.popleft()
+        while len(self) and (len(self) > self._max_events or self._bytes > self._max_bytes):
+            evicted = self._events[self._first]
+            self._first += 1
             self._bytes -= len(evicted.data)
             self.start = evicted.position
-        if not self._events:
+        if not len(self):
             self.start = self.end
+        if self._first > 1024 and self._first * 2 > len(self._events):
+            del self._events[:self._first]
+            del self._positions[:self._first]
+            self._first = 0
 
     def since(self, after: int, limit: int) -> tuple[list[LiveEvent], int]:
         """Up to `limit` events after `after` (which `covers`), and the position they reach:
         `end` when they are all of them, else the last one's position."""
-        first = bisect.bisect_right(self._positions, after)
+        first = bisect.bisect_right(self._positions, after, lo=self._first)
         last = min(len(self._events), first + limit)
-        events = [self._events[i] for i in range(first, last)]
+        events = self._events[first:last]
         if last < len(self._events):
             return events, events[-1].position if events else after
         return events, self.end
