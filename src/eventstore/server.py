@@ -75,7 +75,7 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
         async with trio.open_nursery() as nursery:
             await nursery.start(writer.run)
             await nursery.start(feed.run)
-            await nursery.start(listen_for_commits, url, feed)
+            await nursery.start(listen_for_commits, url, feed, lambda: writer.backend_pid)
             await nursery.start(run_retention, snapshots, settings)
             port = await nursery.start(grpc_server.serve, settings.host, settings.port)
             log.info("eventstore listening", extra={"grpc_port": port})

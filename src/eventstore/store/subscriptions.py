@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -209,11 +209,14 @@ async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
         await trio.lowlevel.checkpoint()
 
 
-async def listen_for_commits(url: str, feed: LiveFeed, *,
+async def listen_for_commits(url: str, feed: LiveFeed,
+                             own_writer_pid: Callable[[], int | None] = lambda: None, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                              ) -> None:
-    """Wake the feed on every NOTIFY from any server process's writer (one per committed
-    batch). Reconnects by itself; the feed's poll covers the time it is away.
+    """Wake the feed on every NOTIFY from another server process's writer (one per committed
+    batch; this process's own writer wakes the feed directly, so its NOTIFYs, recognised by
+    the backend pid they carry, are ignored). Reconnects by itself; the feed's poll covers the
+    time it is away.
 
     The waiting happens in a worker thread that is abandoned on cancellation (a blocked libpq
     wait cannot be interrupted); the thread then closes the connection itself.
@@ -229,7 +232,8 @@ async def listen_for_commits(url: str, feed: LiveFeed, *,
             state["conn"] = conn
         try:
             # stop_after=1: wake the feed on the first notification, not after the timeout.
-            return sum(1 for _ in conn.notifies(timeout=0.5, stop_after=1))
+            own = own_writer_pid()
+            return sum(1 for n in conn.notifies(timeout=0.5, stop_after=1) if n.pid != own)
         finally:
             state["waiting"] = False
             if state["stopping"]:

@@ -124,10 +124,16 @@ class AppendWriter:
         self._queue: deque[PendingAppend] = deque()
         self._has_work = trio.Event()
         self._conn: psycopg.Connection[TupleRow] | None = None
+        self._backend_pid: int | None = None
         self._accepting = True
         self._listeners: list[BatchListener] = []
         # Ranges committed by the worker thread, announced by the writer task.
         self._committed: list[tuple[int, int, int]] = []
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The PostgreSQL backend pid of the writer connection (its NOTIFYs carry it)."""
+        return self._backend_pid
 
     def add_listener(self, listener: BatchListener) -> None:
         """Call `listener(first_position, last_position, event_count)` after each commit that
@@ -196,6 +202,7 @@ class AppendWriter:
                 statement_timeout_ms=self._settings.statement_timeout_ms,
                 custom_plans=True,
             )
+            self._backend_pid = self._conn.info.backend_pid
         return self._conn
 
     def _drop_connection(self) -> None:
