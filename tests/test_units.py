@@ -21,7 +21,7 @@ from eventstore.errors import (
     Unavailable,
     WrongExpectedVersion,
 )
-from eventstore.grpc.status import STATUS_OF, Unimplemented, to_status
+from eventstore.grpc.status import STATUS_OF, to_status
 from eventstore.store.batching import (
     Retry,
     Reused,
@@ -151,7 +151,6 @@ def test_status_table_covers_every_domain_error() -> None:
         FailedPrecondition: StatusCode.FAILED_PRECONDITION,
         Unavailable: StatusCode.UNAVAILABLE,
         Internal: StatusCode.INTERNAL,
-        Unimplemented: StatusCode.UNIMPLEMENTED,
     }
     for cls, code in expected.items():
         status, trailers = to_status(cls("m"))

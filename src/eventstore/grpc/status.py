@@ -15,11 +15,6 @@ from eventstore.errors import (
     WrongExpectedVersion,
 )
 
-
-class Unimplemented(EventStoreError):
-    """Raised by RPCs of the contract that this server does not implement yet."""
-
-
 STATUS_OF: dict[type[EventStoreError], StatusCode] = {
     InvalidArgument: StatusCode.INVALID_ARGUMENT,
     LimitExceeded: StatusCode.RESOURCE_EXHAUSTED,
@@ -28,7 +23,6 @@ STATUS_OF: dict[type[EventStoreError], StatusCode] = {
     FailedPrecondition: StatusCode.FAILED_PRECONDITION,
     Unavailable: StatusCode.UNAVAILABLE,
     Internal: StatusCode.INTERNAL,
-    Unimplemented: StatusCode.UNIMPLEMENTED,
 }
 
 Trailers = list[tuple[str, str]]
