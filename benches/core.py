@@ -52,7 +52,7 @@ def start_server(url: str, log_path: Path | None = None,
     would fill up and stall the server)."""
     if log_path is None:
         log_path = Path(tempfile.mkdtemp(prefix="es-bench-log-")) / "server.log"
-    env = {**os.environ, "DATABASE_URL": url, "PORT": "0", "HOST": "127.0.0.1",
+    env = {**os.environ, "DATABASE_URL": url, "PORT": "0", "HTTP_PORT": "0", "HOST": "127.0.0.1",
            "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **(extra_env or {})}
     log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "eventstore", "serve"], env=env,

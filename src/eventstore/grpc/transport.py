@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -67,8 +68,10 @@ class Method:
 class GrpcServer:
     """Serves `methods` (keyed by "package.Service/Method") on one TCP port."""
 
-    def __init__(self, methods: dict[str, Method], *, max_request_bytes: int) -> None:
+    def __init__(self, methods: dict[str, Method], *, max_request_bytes: int,
+                 observe: Callable[[str, str, float], None] | None = None) -> None:
         self._methods = methods
+        self._observe = observe
         self._max_request_bytes = max_request_bytes
         self._config = GRPCConfiguration(client_side=False,
                                          max_message_length=TRANSPORT_MAX_MESSAGE)
@@ -125,6 +128,8 @@ class GrpcServer:
 
     async def _dispatch(self, stream: GRPCProtoStream, event: RequestReceived,
                         method: Method) -> None:
+        started = time.perf_counter()
+        code = "OK"
         try:
             raw = await stream.receive_message()
             if raw is None:
@@ -153,15 +158,22 @@ class GrpcServer:
             await stream.close(Status(StatusCode.OK))
         except CLIENT_GONE:
             # The client cancelled or disconnected: nobody is left to answer.
+            code = "CANCELLED"
             log.debug("client went away during %s/%s", event.service_name, event.method_name)
         except EventStoreError as error:
             status, trailers = to_status(error)
+            code = status.status_code.name
             await stream.close(status, custom_metadata=trailers)
         except _BadRequest as bad:
+            code = "INVALID_ARGUMENT"
             await stream.close(Status(StatusCode.INVALID_ARGUMENT, status_message=str(bad)))
         except Exception:
+            code = "INTERNAL"
             log.exception("unexpected error in %s/%s", event.service_name, event.method_name)
             await stream.close(internal_error())
+        finally:
+            if self._observe is not None:
+                self._observe(event.method_name, code, time.perf_counter() - started)
 
 
 class _BadRequest(Exception):

@@ -127,6 +127,20 @@ class Reader:
         """The serialized ReadAllResponse for `query`."""
         return await self._run("reading all events", lambda conn: self._read_all(conn, query))
 
+    async def table_sizes(self) -> tuple[int, int, int]:
+        """(events, streams, snapshots): the head position (exact, as positions are dense) and
+        PostgreSQL's row estimates — cheap however large the tables are."""
+        def sizes(conn: Conn) -> tuple[int, int, int]:
+            row = conn.execute(
+                "SELECT (SELECT coalesce(max(position), 0) FROM events),"
+                " (SELECT greatest(reltuples, 0)::int8 FROM pg_class"
+                "   WHERE oid = 'event_streams'::regclass),"
+                " (SELECT greatest(reltuples, 0)::int8 FROM pg_class"
+                "   WHERE oid = 'snapshots'::regclass)").fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1]), int(row[2])
+        return await self._run("measuring the store", sizes)
+
     async def head_position(self) -> int:
         return await self._run("reading the head position", self._head)
 

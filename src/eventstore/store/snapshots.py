@@ -31,6 +31,7 @@ from eventstore.errors import (
     InvalidArgument,
     LimitExceeded,
 )
+from eventstore.metrics import Metrics
 from eventstore.v1 import eventstore_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,9 @@ def snapshot_message(snapshot: StoredSnapshot) -> pb.Snapshot:
 class Snapshots:
     """Snapshot storage on its own small pool of writable connections."""
 
-    def __init__(self, url: str, settings: Settings) -> None:
+    def __init__(self, url: str, settings: Settings, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics
         options = f"-c statement_timeout={settings.statement_timeout_ms}"
         self._pool: ConnectionPool[Conn] = ConnectionPool(
             url, min_size=1, max_size=2, open=False, name="eventstore-snapshots",
@@ -131,8 +133,11 @@ class Snapshots:
         """Save a snapshot; saving the same version again with equal data (as JSON values)
         returns the first save. Raises FailedPrecondition beyond the stream's version,
         AlreadyExists for the same version with other data."""
-        return await self._run("saving a snapshot", lambda conn: self._save(
+        saved = await self._run("saving a snapshot", lambda conn: self._save(
             conn, stream_id, stream_type, version, data))
+        if self._metrics is not None:
+            self._metrics.snapshots_saved.inc()
+        return saved
 
     async def latest(self, stream_id: str, stream_type: str,
                      max_version: int | None) -> StoredSnapshot | None:
@@ -142,8 +147,11 @@ class Snapshots:
     async def delete_expired(self, retention_days: int) -> int:
         """Delete snapshots older than `retention_days`, keeping each stream's latest one;
         return how many were deleted."""
-        return await self._run("deleting old snapshots",
-                               lambda conn: self._delete_expired(conn, retention_days))
+        deleted = await self._run("deleting old snapshots",
+                                  lambda conn: self._delete_expired(conn, retention_days))
+        if self._metrics is not None:
+            self._metrics.snapshots_deleted.inc(deleted)
+        return deleted
 
     @staticmethod
     def _save(conn: Conn, stream_id: str, stream_type: str, version: int,

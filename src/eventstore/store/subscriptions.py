@@ -57,10 +57,19 @@ class LiveFeed:
         self._grew = trio.Event()
         self._closed = False
         self._subscribers = 0
+        # Each open subscription's cursor, for the lag metric.
+        self._positions: dict[object, int] = {}
 
     @property
     def subscribers(self) -> int:
         return self._subscribers
+
+    def lag(self) -> int:
+        """Positions between the window's end and the furthest-behind open subscription."""
+        window = self.window
+        if window is None or not self._positions:
+            return 0
+        return max(0, window.end - min(self._positions.values()))
 
     def wake(self) -> None:
         """Something was committed: read it soon. Cheap; call it as often as you like."""
@@ -133,15 +142,17 @@ async def subscribe(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
     """The serialized EventNotifications of one subscription, until the client goes away or
     the server shuts down (then `Unavailable`)."""
     feed._subscribers += 1
+    token = object()
     try:
-        async for message in _subscription(feed, reader, spec):
+        async for message in _subscription(feed, reader, spec, token):
             yield message
     finally:
         feed._subscribers -= 1
+        feed._positions.pop(token, None)
 
 
 async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
-                        ) -> AsyncIterator[bytes]:
+                        token: object) -> AsyncIterator[bytes]:
     selector = spec.selector
     window = feed.window
     assert window is not None
@@ -193,6 +204,7 @@ async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
         if selected and selector.stream_id is not None:
             selector = Selector(selector.filter, selector.stream_id, selected[-1].version)
         position = reached
+        feed._positions[token] = position
         if not caught_up and position >= history_end:
             caught_up = True
             yield caught_up_notification(position)

@@ -43,6 +43,7 @@ from eventstore.errors import (
     Unavailable,
     WrongExpectedVersion,
 )
+from eventstore.metrics import Metrics
 from eventstore.store.batching import Retry, Reused, StoredEvent, classify_stored, take_batch
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ class _StoredIdsMet(Exception):
 class AppendWriter:
     """Owns the writer connection and the queue; `run` is the writer task."""
 
-    def __init__(self, url: str, settings: Settings) -> None:
+    def __init__(self, url: str, settings: Settings, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
         self._url = url
         self._settings = settings
         self._queue: deque[PendingAppend] = deque()
@@ -171,9 +173,12 @@ class AppendWriter:
                     self._settings.writer_max_batch_events,
                     self._settings.writer_max_batch_bytes,
                 )
+                started = time.perf_counter()
                 with trio.CancelScope(shield=True):
                     outcomes = await trio.to_thread.run_sync(self._commit, batch)
                 self._resolve(batch, outcomes)
+                if self._metrics is not None:
+                    self._observe(self._metrics, batch, outcomes, time.perf_counter() - started)
                 committed, self._committed = self._committed, []
                 for first, last, count in committed:
                     for listener in self._listeners:
@@ -187,6 +192,15 @@ class AppendWriter:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    @staticmethod
+    def _observe(metrics: Metrics, batch: Sequence[PendingAppend], outcomes: Sequence[Outcome],
+                 seconds: float) -> None:
+        metrics.commit_seconds.observe(seconds)
+        metrics.batch_requests.observe(len(batch))
+        for outcome in outcomes:
+            label = "ok" if isinstance(outcome, bytes) else type(outcome).__name__
+            metrics.append_requests.labels(label).inc()
 
     def _resolve(self, batch: Sequence[PendingAppend], outcomes: Sequence[Outcome]) -> None:
         for pending, outcome in zip(batch, outcomes, strict=True):

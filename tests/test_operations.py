@@ -1,0 +1,146 @@
+"""The operations surface: /health/live, /health/ready, /metrics, grpc.health.v1.Health, and
+readiness through a database outage."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+import trio
+
+from eventstore.client import EventStoreClient, NewEvent, Unavailable
+from eventstore.embedded import EmbeddedPostgres
+from eventstore.server import ServerInfo, serve
+from tests.conftest import make_settings
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read(), reply.headers.get("content-type", "")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers.get("content-type", "")
+
+
+async def get(port: int, path: str) -> tuple[int, bytes, str]:
+    return await trio.to_thread.run_sync(http_get, port, path)
+
+
+def health_check(port: int, service: str = "") -> int:
+    """grpc.health.v1.Health/Check through grpcio (no generated stub: the messages are one
+    field each)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                    request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+        name = service.encode()
+        reply: bytes = check((b"\x0a" + bytes([len(name)]) + name) if name else b"",
+                             timeout=10)
+    return reply[1] if reply else 0  # HealthCheckResponse.status (0 = UNKNOWN)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in key for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+async def test_liveness_and_readiness(server: ServerInfo) -> None:
+    assert server.http_port
+    status, body, kind = await get(server.http_port, "/health/live")
+    assert status == 200 and orjson.loads(body) == {"status": "live"}
+    assert kind == "application/json"
+    status, body, _ = await get(server.http_port, "/health/ready")
+    ready = orjson.loads(body)
+    assert status == 200 and ready["status"] == "ready"
+    assert ready["database"] and ready["migrations_applied"] and not ready["draining"]
+    assert "open" in ready["authentication"]
+    status, _, _ = await get(server.http_port, "/nope")
+    assert status == 404
+
+
+async def test_metrics_move_with_real_traffic(server: ServerInfo) -> None:
+    assert server.http_port
+    _, before, kind = await get(server.http_port, "/metrics")
+    assert kind.startswith("text/plain")
+    stream = str(uuid.uuid4())
+    async with EventStoreClient.connect("127.0.0.1", server.port) as client:
+        await client.append_events(stream, "Deck", [NewEvent("Added", {"n": i})
+                                                    for i in range(5)])
+        await client.append_events(stream, "Deck", [NewEvent("Added", {})], expected_version=5)
+        with pytest.raises(Exception, match="wrong expected version"):
+            await client.append_events(stream, "Deck", [NewEvent("Added", {})],
+                                       expected_version=1)
+        await client.save_snapshot(stream, "Deck", 6, {"cards": 6})
+        async with client.subscribe_to_all() as subscription:
+            async for _item in subscription:
+                break
+            _, during, _ = await get(server.http_port, "/metrics")
+    _, after, _ = await get(server.http_port, "/metrics")
+    text = after.decode()
+    assert metric(text, "eventstore_events_appended_total") - metric(
+        before.decode(), "eventstore_events_appended_total") == 6
+    assert metric(text, "eventstore_append_requests_total", outcome="ok") >= 2
+    assert metric(text, "eventstore_append_requests_total",
+                  outcome="WrongExpectedVersion") == 1
+    assert metric(text, "eventstore_grpc_request_duration_seconds_count",
+                  method="AppendEvents", code="OK") >= 2
+    assert metric(text, "eventstore_grpc_request_duration_seconds_count",
+                  method="AppendEvents", code="ABORTED") == 1
+    assert metric(text, "eventstore_append_batch_events_count") >= 2
+    assert metric(text, "eventstore_append_commit_seconds_count") >= 2
+    assert metric(text, "eventstore_snapshots_saved_total") == 1
+    assert metric(text, "eventstore_events") >= 6
+    assert metric(during.decode(), "eventstore_subscriptions_open") == 1
+    assert metric(text, "eventstore_database_up") == 1
+
+
+async def test_grpc_health_check(server: ServerInfo) -> None:
+    assert await trio.to_thread.run_sync(health_check, server.port) == 1  # SERVING
+    assert await trio.to_thread.run_sync(
+        health_check, server.port, "eventstore.v1.EventStoreService") == 1
+    assert await trio.to_thread.run_sync(health_check, server.port, "other.Service") == 3
+
+
+@pytest.mark.slow
+async def test_database_outage_is_reported_and_recovers_by_itself(
+        nursery: trio.Nursery, private_pg: tuple[EmbeddedPostgres, str]) -> None:
+    pg, url = private_pg
+    settings = make_settings(url, health_check_interval_ms=100, writer_retry_seconds=0.5)
+    info: Any = await nursery.start(serve, settings)
+
+    async def wait_ready(expected: int) -> dict[str, Any]:
+        with trio.fail_after(20):
+            while True:
+                status, body, _ = await get(info.http_port, "/health/ready")
+                if status == expected:
+                    return dict(orjson.loads(body))
+                await trio.sleep(0.05)
+
+    await wait_ready(200)
+    await trio.to_thread.run_sync(pg.stop)
+    down = await wait_ready(503)
+    assert down["status"] == "not ready" and "database unreachable" in down["reason"]
+    assert await trio.to_thread.run_sync(health_check, info.port) == 2  # NOT_SERVING
+    status, _, _ = await get(info.http_port, "/health/live")
+    assert status == 200  # alive, just not ready
+    async with EventStoreClient.connect("127.0.0.1", info.port) as client:
+        with pytest.raises(Unavailable):
+            await client.append_events(str(uuid.uuid4()), "Deck", [NewEvent("Added", {})])
+        await trio.to_thread.run_sync(pg.start)
+        await wait_ready(200)
+        assert await trio.to_thread.run_sync(health_check, info.port) == 1
+        result = await client.append_events(str(uuid.uuid4()), "Deck",
+                                            [NewEvent("Added", {})])
+        assert result.next_expected_version == 1
