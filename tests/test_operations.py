@@ -144,3 +144,74 @@ async def test_database_outage_is_reported_and_recovers_by_itself(
         result = await client.append_events(str(uuid.uuid4()), "Deck",
                                             [NewEvent("Added", {})])
         assert result.next_expected_version == 1
+
+
+async def test_every_write_is_audited(server: ServerInfo,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="eventstore.audit")
+    stream = str(uuid.uuid4())
+    async with EventStoreClient.connect("127.0.0.1", server.port) as client:
+        await client.append_events(stream, "Deck", [NewEvent("Added", {"secret": "s3cr3t"})] * 3)
+        with pytest.raises(Exception, match="wrong expected version"):
+            await client.append_events(stream, "Deck", [NewEvent("Added", {})],
+                                       expected_version=0)
+        await client.save_snapshot(stream, "Deck", 3, {"cards": 3})
+    records = [r for r in caplog.records if r.name == "eventstore.audit"]
+    fields = [{k: getattr(r, k, None) for k in (
+        "operation", "caller", "outcome", "stream_id", "first_version", "last_version",
+        "first_position", "last_position", "event_count", "version", "duration_ms")}
+        for r in records]
+    ok, conflict, snapshot = fields
+    assert ok["operation"] == "append" and ok["outcome"] == "ok"
+    assert ok["stream_id"] == stream and ok["event_count"] == 3
+    assert (ok["first_version"], ok["last_version"]) == (1, 3)
+    assert ok["last_position"] - ok["first_position"] == 2
+    assert str(ok["caller"]).startswith("127.0.0.1:") and ok["duration_ms"] >= 0
+    assert conflict["outcome"] == "WrongExpectedVersion" and conflict["stream_id"] == stream
+    assert snapshot["operation"] == "snapshot_save" and snapshot["version"] == 3
+    assert all("s3cr3t" not in r.getMessage() and "s3cr3t" not in str(vars(r))
+               for r in records)
+
+
+@pytest.mark.slow
+async def test_graceful_shutdown_answers_in_flight_appends(
+        nursery: trio.Nursery, database_url: str) -> None:
+    """Appends racing a shutdown each get their true outcome: acknowledged and stored, or
+    UNAVAILABLE and not stored; the server then stops by itself."""
+    shutdown = trio.Event()
+    stopped = trio.Event()
+
+    async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
+        await serve(make_settings(database_url), shutdown=shutdown, task_status=task_status)
+        stopped.set()
+
+    info: ServerInfo = await nursery.start(run_server)
+    acked: list[str] = []
+    refused: list[str] = []
+
+    async def writer(n: int) -> None:
+        async with EventStoreClient.connect("127.0.0.1", info.port) as client:
+            for i in range(40):
+                event_id = str(uuid.uuid4())
+                try:
+                    await client.append_events(str(uuid.uuid4()), "Deck",
+                                               [NewEvent("Added", {"n": n, "i": i},
+                                                         event_id=event_id)])
+                    acked.append(event_id)
+                except Unavailable:
+                    refused.append(event_id)
+                    return
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as writers:
+            for n in range(8):
+                writers.start_soon(writer, n)
+            await trio.sleep(0.3)
+            shutdown.set()
+        await stopped.wait()
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        stored = {r[0] for r in conn.execute("SELECT event_id::text FROM events")}
+    assert acked and set(acked) <= stored
+    assert not set(refused) & stored

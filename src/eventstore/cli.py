@@ -25,13 +25,16 @@ def main() -> None:
 
 
 @main.command()
-def serve() -> None:
+@click.option("--log-format", type=click.Choice(["json", "text"]), default=None,
+              help="Log as JSON lines (the default, LOG_FORMAT) or as text for people.")
+def serve(log_format: str | None) -> None:
     """Start the gRPC server (configuration from the environment; see the README).
 
     With DATABASE_URL unset, an embedded PostgreSQL is started in EVENTSTORE_DATA_DIR.
+    SIGTERM or SIGINT stops it gracefully (SHUTDOWN_GRACE_SECONDS).
     """
     settings = _settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, log_format or settings.log_format)
     from eventstore.server import serve_until_signalled
 
     trio.run(serve_until_signalled, settings)

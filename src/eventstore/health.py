@@ -49,7 +49,8 @@ class Health:
 
     def _set(self, state: Readiness) -> None:
         if state.ready != self.state.ready:
-            log.warning("readiness changed", extra={"ready": state.ready, "reason": state.reason})
+            log.log(logging.INFO if state.ready else logging.WARNING,
+                    "ready" if state.ready else "not ready", extra={"reason": state.reason})
         self.state = state
         self._changed.set()
         self._changed = trio.Event()

@@ -52,8 +52,9 @@ def migrate(url: str) -> list[str]:
         return [f"{m.version:03d}_{m.name}" for m in apply_migrations(conn)]
 
 
-# After a shutdown request, how long open subscriptions get to end with UNAVAILABLE.
-SHUTDOWN_GRACE_SECONDS = 0.5
+# After in-flight appends are answered, how long replies and the UNAVAILABLE endings of open
+# subscriptions get to reach their clients.
+FLUSH_SECONDS = 0.5
 
 
 async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
@@ -126,7 +127,12 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
                 log.info("shutting down")
                 health.drain()
                 feed.close()
-                await trio.sleep(SHUTDOWN_GRACE_SECONDS)
+                # In-flight appends get their true outcome; new ones are refused.
+                with trio.move_on_after(settings.shutdown_grace_seconds) as grace:
+                    await writer.drain()
+                    await trio.sleep(FLUSH_SECONDS)
+                if grace.cancelled_caught:
+                    log.warning("shutdown grace period over; stopping what is left")
                 nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(reader.close)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
@@ -9,8 +10,9 @@ from google.protobuf.message import DecodeError, Message
 from purerpc.grpclib.events import RequestReceived
 
 from eventstore import _es_codec as codec
+from eventstore import audit
 from eventstore.config import Settings
-from eventstore.errors import InvalidArgument, LimitExceeded
+from eventstore.errors import EventStoreError, InvalidArgument, LimitExceeded
 from eventstore.grpc.transport import Method
 from eventstore.store.live import Selector
 from eventstore.store.reader import Reader
@@ -77,7 +79,23 @@ class EventStoreService:
         }
 
     async def append_events(self, raw: bytes, request: RequestReceived) -> bytes:
-        return await self._writer.append(parse_append(raw, self._settings))
+        started = time.perf_counter()
+        parsed: codec.AppendRequest | None = None
+        try:
+            parsed = parse_append(raw, self._settings)
+            reply = await self._writer.append(parsed)
+        except EventStoreError as error:
+            audit.record("append", caller=audit.caller_of(request),
+                         outcome=type(error).__name__, seconds=time.perf_counter() - started,
+                         stream_id=parsed.stream_id if parsed else None,
+                         stream_type=parsed.stream_type if parsed else None,
+                         event_count=parsed.event_count if parsed else None,
+                         reason=error.message)
+            raise
+        audit.record("append", caller=audit.caller_of(request), outcome="ok",
+                     seconds=time.perf_counter() - started, stream_id=parsed.stream_id,
+                     stream_type=parsed.stream_type, **audit.append_fields(reply))
+        return reply
 
     async def get_events(self, raw: bytes, request: RequestReceived) -> bytes:
         msg = decode(pb.GetEventsRequest, raw)
@@ -124,7 +142,19 @@ class EventStoreService:
         if msg.version < 1:
             raise InvalidArgument(f"version: must be at least 1, got {msg.version}")
         check_snapshot_data(msg.data, self._settings.max_snapshot_bytes)
-        saved = await self._snapshots.save(stream_id, stream_type, msg.version, msg.data)
+        started = time.perf_counter()
+        try:
+            saved = await self._snapshots.save(stream_id, stream_type, msg.version, msg.data)
+        except EventStoreError as error:
+            audit.record("snapshot_save", caller=audit.caller_of(request),
+                         outcome=type(error).__name__, seconds=time.perf_counter() - started,
+                         stream_id=stream_id, stream_type=stream_type, version=msg.version,
+                         reason=error.message)
+            raise
+        audit.record("snapshot_save", caller=audit.caller_of(request), outcome="ok",
+                     seconds=time.perf_counter() - started, stream_id=stream_id,
+                     stream_type=stream_type, version=msg.version,
+                     snapshot_id=saved.snapshot_id)
         reply = pb.SaveSnapshotResponse(snapshot_id=saved.snapshot_id)
         reply.created_at.FromDatetime(saved.created_at)
         return bytes(reply.SerializeToString())

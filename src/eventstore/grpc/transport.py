@@ -93,11 +93,12 @@ class GrpcServer:
             await listener.serve(self._connection)
 
     async def _connection(self, byte_stream: anyio.abc.ByteStream) -> None:
+        peer = _peer_of(byte_stream)
         try:
             async with GRPCProtoSocket(self._config, byte_stream) as grpc_socket:
                 async with trio.open_nursery() as nursery:
                     async for stream in grpc_socket.listen():
-                        nursery.start_soon(self._request, stream)
+                        nursery.start_soon(self._request, stream, peer)
         except Exception as exc:
             # A peer that resets or speaks bad HTTP/2 only ends its own connection.
             log.debug("gRPC connection ended: %s", type(exc).__name__)
@@ -107,10 +108,12 @@ class GrpcServer:
             with trio.CancelScope(shield=True):
                 await byte_stream.aclose()
 
-    async def _request(self, stream: GRPCProtoStream) -> None:
+    async def _request(self, stream: GRPCProtoStream, peer: str) -> None:
         try:
             await stream.start_response()
             event = await stream.receive_event()
+            # Handlers see who called (the audit log names the caller).
+            event.peer = peer
             if not isinstance(event, RequestReceived):
                 await stream.close(Status(StatusCode.INTERNAL, status_message="expected headers"))
                 return
@@ -174,6 +177,18 @@ class GrpcServer:
         finally:
             if self._observe is not None:
                 self._observe(event.method_name, code, time.perf_counter() - started)
+
+
+def _peer_of(byte_stream: anyio.abc.ByteStream) -> str:
+    """"host:port" of the client, for the audit log."""
+    try:
+        address = byte_stream.extra(anyio.abc.SocketAttribute.remote_address)
+    except Exception:
+        return "unknown"
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
 
 
 class _BadRequest(Exception):

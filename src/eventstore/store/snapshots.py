@@ -9,6 +9,7 @@ period but always keeps each stream's latest one.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from eventstore import audit
 from eventstore.config import Settings
 from eventstore.db.connection import APPLICATION_NAME
 from eventstore.db.errors import is_connection_error, to_domain
@@ -214,11 +216,14 @@ async def run_retention(snapshots: Snapshots, settings: Settings, *,
     """Every SNAPSHOT_RETENTION_INTERVAL_SECONDS, delete expired snapshots (logged)."""
     task_status.started()
     while True:
+        started = time.perf_counter()
         try:
             deleted = await snapshots.delete_expired(settings.snapshot_retention_days)
         except Exception as exc:
             log.warning("snapshot retention failed: %s", exc)
         else:
-            log.info("snapshot retention", extra={
-                "deleted": deleted, "retention_days": settings.snapshot_retention_days})
+            if deleted:
+                audit.record("snapshot_delete", caller="retention", outcome="ok",
+                             seconds=time.perf_counter() - started, deleted=deleted,
+                             retention_days=settings.snapshot_retention_days)
         await trio.sleep(settings.snapshot_retention_interval_seconds)

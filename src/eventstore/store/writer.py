@@ -128,6 +128,8 @@ class AppendWriter:
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._backend_pid: int | None = None
         self._accepting = True
+        self._busy = False
+        self._batch_done = trio.Event()
         self._listeners: list[BatchListener] = []
         # Ranges committed by the worker thread, announced by the writer task.
         self._committed: list[tuple[int, int, int]] = []
@@ -147,7 +149,8 @@ class AppendWriter:
         domain error. If the caller is cancelled the request may still be committed (as with
         any RPC whose client goes away); its client can retry with the same event ids."""
         if not self._accepting:
-            raise Unavailable("the server is shutting down; retry on another server")
+            raise Unavailable("the server is shutting down; nothing was written, retry on "
+                              "another server")
         pending = PendingAppend(request)
         self._queue.append(pending)
         self._has_work.set()
@@ -157,6 +160,13 @@ class AppendWriter:
             return outcome
         assert outcome is not None
         raise outcome
+
+    async def drain(self) -> None:
+        """Refuse new appends (UNAVAILABLE) and return once everything already queued has been
+        committed and answered. The caller bounds the wait."""
+        self._accepting = False
+        while self._queue or self._busy:
+            await self._batch_done.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task. Cancelling it fails queued requests with UNAVAILABLE, but a batch
@@ -174,9 +184,13 @@ class AppendWriter:
                     self._settings.writer_max_batch_bytes,
                 )
                 started = time.perf_counter()
+                self._busy = True
                 with trio.CancelScope(shield=True):
                     outcomes = await trio.to_thread.run_sync(self._commit, batch)
+                self._busy = False
                 self._resolve(batch, outcomes)
+                self._batch_done.set()
+                self._batch_done = trio.Event()
                 if self._metrics is not None:
                     self._observe(self._metrics, batch, outcomes, time.perf_counter() - started)
                 committed, self._committed = self._committed, []
