@@ -215,3 +215,19 @@ async def test_graceful_shutdown_answers_in_flight_appends(
         stored = {r[0] for r in conn.execute("SELECT event_id::text FROM events")}
     assert acked and set(acked) <= stored
     assert not set(refused) & stored
+
+
+async def test_grpc_health_watch_follows_readiness(server: ServerInfo) -> None:
+    def first_status() -> int:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                         request_serializer=lambda b: b,
+                                         response_deserializer=lambda b: b)
+            call = watch(b"", timeout=10)
+            try:
+                reply: bytes = next(iter(call))
+            finally:
+                call.cancel()
+        return reply[1]
+
+    assert await trio.to_thread.run_sync(first_status) == 1  # SERVING
