@@ -77,10 +77,22 @@ def new_events(n: int) -> list[pb.NewEvent]:
                         metadata=METADATA) for _ in range(n)]
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def append_load(port: int, clients: int, batch: int, seconds: float,
-                      max_requests: int) -> dict[str, float]:
+                      max_requests: int, server_pid: int | None = None) -> dict[str, float]:
     """`clients` concurrent clients, each appending `batch` events per request to its own
     streams, for `seconds` (or `max_requests` requests in all)."""
+    cpu_before = cpu_seconds(server_pid)
     latencies: list[float] = []
     events = 0
     stop_at = time.monotonic() + seconds
@@ -111,12 +123,40 @@ async def append_load(port: int, clients: int, batch: int, seconds: float,
     await asyncio.gather(*(one_client() for _ in range(clients)))
     elapsed = time.perf_counter() - t0
     latencies.sort()
+
+    def at(q: float) -> float:
+        return 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * q))]
+
     return {
         "events_per_s": events / elapsed,
+        "requests_per_s": len(latencies) / elapsed,
         "requests": len(latencies),
-        "p50_ms": 1000 * latencies[len(latencies) // 2],
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "p50_ms": at(0.50),
+        "p95_ms": at(0.95),
+        "p99_ms": at(0.99),
+        "server_cpu_s_per_1000_events": 1000 * (cpu_seconds(server_pid) - cpu_before) / events
+        if server_pid and events else 0.0,
     }
+
+
+def start_noop_server() -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("noop_server.py"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+async def noop_streaming(port: int, messages: int) -> float:
+    """Messages/s of the no-op server streaming `messages` ready-made notifications."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_stream(SERVICE + "SubscribeToAll",
+                                    request_serializer=pb.SubscribeAllRequest.SerializeToString,
+                                    response_deserializer=pb.EventNotification.FromString)
+        t0 = time.perf_counter()
+        count = 0
+        async for _ in call(pb.SubscribeAllRequest(max_batch_size=messages)):
+            count += 1
+        return count / (time.perf_counter() - t0)
 
 
 def raw_copy(url: str, total: int, per_tx: int) -> float:
@@ -222,15 +262,27 @@ async def seed_stream(port: int, stream: str, n: int) -> None:
                                               events=new_events(1000)), timeout=60)
 
 
-async def measure(url: str, port: int, seconds: float, quick: bool) -> dict[str, object]:
+async def measure(url: str, port: int, seconds: float, quick: bool,
+                  server_pid: int | None = None) -> dict[str, object]:
     appends = {}
-    for clients in (1, 16):
+    for clients in (1, 16, 64):
         for batch in (1, 10, 100):
-            r = await append_load(port, clients, batch, seconds, 200_000)
+            r = await append_load(port, clients, batch, seconds, 200_000, server_pid)
             appends[f"batch{batch}_clients{clients}"] = r
             print(f"append batch={batch:<3} clients={clients:<2} "
                   f"{r['events_per_s']:>9.0f} ev/s  p50 {r['p50_ms']:.2f} ms  "
-                  f"p99 {r['p99_ms']:.2f} ms", flush=True)
+                  f"p95 {r['p95_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
+                  f"cpu {r['server_cpu_s_per_1000_events']:.3f} s/1k ev", flush=True)
+    noop, noop_port = start_noop_server()
+    try:
+        noop_unary = await append_load(noop_port, 64, 1, seconds, 200_000)
+        noop_stream = await noop_streaming(noop_port, 20_000 if quick else 100_000)
+    finally:
+        noop.kill()
+        noop.wait()
+    print(f"no-op purerpc unary, 64 clients {noop_unary['requests_per_s']:>9.0f} calls/s",
+          flush=True)
+    print(f"no-op purerpc streaming         {noop_stream:>9.0f} msgs/s", flush=True)
     copy_in = raw_copy(url, 20_000 if quick else 50_000, 1000)
     print(f"raw binary COPY in          {copy_in:>9.0f} ev/s", flush=True)
     stream = str(uuid.uuid4())
@@ -250,11 +302,15 @@ async def measure(url: str, port: int, seconds: float, quick: bool) -> dict[str,
         "raw_copy_in_events_per_s": copy_in,
         "get_events_events_per_s": get_rate,
         "copy_out_events_per_s": out_rate,
+        "noop_unary_calls_per_s": noop_unary["requests_per_s"],
+        "noop_streaming_messages_per_s": noop_stream,
         "rebuild_with_snapshot_ms": 1000 * with_snapshot,
         "rebuild_full_replay_ms": 1000 * replay,
         "ratios": {
             "batch100_appends_vs_copy_in": b100 / copy_in,
             "get_events_vs_copy_out": get_rate / out_rate,
+            "batch1_clients64_vs_noop_unary": appends["batch1_clients64"]["events_per_s"]
+            / noop_unary["requests_per_s"],
         },
     }
 
@@ -279,7 +335,7 @@ def main() -> None:
         proc, port = start_server(url)
         try:
             # One event loop for every load: grpc.aio binds its poller to the first loop.
-            results.update(asyncio.run(measure(url, port, seconds, args.quick)))
+            results.update(asyncio.run(measure(url, port, seconds, args.quick, proc.pid)))
             print(json.dumps(results["ratios"], indent=2))
         finally:
             proc.send_signal(signal.SIGTERM)

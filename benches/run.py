@@ -70,9 +70,9 @@ def environment(url: str) -> dict[str, object]:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-async def measure_all(url: str, port: int, quick: bool) -> dict[str, object]:
-    seconds = 3.0 if quick else 8.0
-    results = await core.measure(url, port, seconds, quick)
+async def measure_all(url: str, port: int, quick: bool, server_pid: int) -> dict[str, object]:
+    seconds = 2.5 if quick else 8.0
+    results = await core.measure(url, port, seconds, quick, server_pid)
     live_results = await live.measure(url, port, quick)
     ratios = dict(results.pop("ratios"))  # type: ignore[call-overload]
     ratios.update(live_results.pop("ratios"))  # type: ignore[call-overload]
@@ -97,7 +97,7 @@ def main() -> int:
                 apply_migrations(conn)
             proc, port = core.start_server(url, Path(tmp) / "server.log")
             try:
-                results = asyncio.run(measure_all(url, port, quick))
+                results = asyncio.run(measure_all(url, port, quick, proc.pid))
             finally:
                 proc.send_signal(signal.SIGTERM)
                 try:
