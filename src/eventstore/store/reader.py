@@ -78,12 +78,14 @@ class Reader:
         options = (f"-c statement_timeout={settings.statement_timeout_ms}"
                    " -c default_transaction_read_only=on"
                    " -c enable_seqscan=off -c enable_bitmapscan=off -c enable_sort=off")
+        self._url = url
+        self._connect_kwargs: dict[str, object] = {
+            "application_name": APPLICATION_NAME, "options": options, "connect_timeout": 5}
         self._pool: ConnectionPool[Conn] = ConnectionPool(
             url,
             min_size=1,
             max_size=settings.db_pool_size,
-            kwargs={"application_name": APPLICATION_NAME, "options": options,
-                    "connect_timeout": 5},
+            kwargs=self._connect_kwargs,
             configure=_configure,
             open=False,
             name="eventstore-readers",
@@ -102,6 +104,19 @@ class Reader:
         After a database restart every pooled connection is broken; the pool discards each one
         that fails, so a read retries (reads are idempotent) until it gets a working connection
         or a fresh one fails too."""
+        def direct(pool_error: Exception) -> _T:
+            try:
+                conn = psycopg.connect(self._url, **self._connect_kwargs)  # type: ignore[arg-type]
+            except Exception as exc:
+                raise to_domain(exc, what=what) from pool_error
+            try:
+                _configure(conn)
+                return work(conn)
+            except Exception as exc:
+                raise to_domain(exc, what=what) from exc
+            finally:
+                conn.close()
+
         def attempt() -> _T:
             tries = self._settings.db_pool_size + 1
             for attempt_no in range(tries):
@@ -109,8 +124,10 @@ class Reader:
                     with self._pool.connection(timeout=3.0) as conn:
                         return work(conn)
                 except PoolTimeout as exc:
-                    # No connection could be made in time: the database is down.
-                    raise to_domain(exc, what=what) from exc
+                    # The pool had no connection in time. After an outage it backs off between
+                    # reconnection attempts for seconds; a direct connection tells at once
+                    # whether the database is back.
+                    return direct(exc)
                 except Exception as exc:
                     if attempt_no + 1 < tries and is_connection_error(exc):
                         continue
