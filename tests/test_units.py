@@ -207,3 +207,17 @@ def test_framing_round_trips_through_protobuf() -> None:
     assert pb.EventNotification.FromString(checkpoint_notification(300)).checkpoint.position \
         == 300
     assert pb.EventNotification.FromString(caught_up_notification(0)).HasField("caught_up")
+
+
+def test_log_formats_carry_the_structured_fields() -> None:
+    import json
+    import logging
+
+    from eventstore.logs import JsonFormatter, TextFormatter
+
+    record = logging.LogRecord("eventstore.server", logging.INFO, __file__, 1,
+                               "eventstore listening", None, None)
+    record.grpc_port = 50051
+    assert json.loads(JsonFormatter().format(record))["grpc_port"] == 50051
+    text = TextFormatter().format(record)
+    assert "eventstore listening" in text and "grpc_port=50051" in text
