@@ -48,6 +48,7 @@ async def read_stream(api: Any, stream_id: str, stream_type: str = STREAM_TYPE,
         out.extend(reply.events)
         if not reply.has_more:
             return out
+        assert reply.next_from_version > from_version
         from_version = reply.next_from_version
     raise AssertionError("too many pages")
 

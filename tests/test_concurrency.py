@@ -21,6 +21,7 @@ from eventstore.server import ServerInfo
 from eventstore.v1 import eventstore_pb2 as pb
 from tests.clients import PurerpcClient, RpcError
 from tests.conftest import PgCluster
+from tests.helpers import read_stream
 from tests.processes import eventstore_process
 
 pytestmark = pytest.mark.slow
@@ -29,23 +30,6 @@ WRONG_VERSION = re.compile(r"^wrong expected version: expected (-?\d+), actual (
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-async def read_stream(client: PurerpcClient, stream_id: str, stream_type: str,
-                      page: int) -> list[pb.Event]:
-    """Every event of a stream, following GetEvents pages."""
-    out: list[pb.Event] = []
-    from_version = 0
-    for _ in range(100_000):
-        reply = await client.call("GetEvents", pb.GetEventsRequest(
-            stream_id=stream_id, stream_type=stream_type, from_version=from_version,
-            max_count=page))
-        out.extend(reply.events)
-        if not reply.has_more:
-            return out
-        assert reply.next_from_version > from_version
-        from_version = reply.next_from_version
-    raise AssertionError("GetEvents paging did not end")
 
 
 @dataclass(frozen=True)
