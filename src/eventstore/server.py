@@ -82,7 +82,7 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
         health = Health(url, settings.health_check_interval_ms / 1000)
 
         def committed(first: int, last: int, count: int) -> None:
-            feed.wake()
+            feed.wake(committed_up_to=last)
             metrics.events_appended.inc(count)
             metrics.batch_events.observe(count)
 

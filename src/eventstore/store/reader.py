@@ -161,13 +161,18 @@ class Reader:
     async def head_position(self) -> int:
         return await self._run("reading the head position", self._head)
 
-    async def events_after(self, selector: Selector, after: int,
-                           limit: int) -> tuple[list[LiveEvent], int, bool]:
+    async def events_after(self, selector: Selector, after: int, limit: int, *,
+                           known_head: int | None = None,
+                           ) -> tuple[list[LiveEvent], int, bool]:
         """Selected events after position `after`, oldest first: (events, the position they
         reach, whether more may follow). The position can lie past the last event when the
-        selector skipped events; everything selected up to it has been returned."""
+        selector skipped events; everything selected up to it has been returned.
+
+        `known_head`: a position up to which everything is known to be committed; the read
+        then goes up to it without asking for the head first (one round trip instead of two)."""
         return await self._run(
-            "reading events", lambda conn: self._events_after(conn, selector, after, limit)
+            "reading events",
+            lambda conn: self._events_after(conn, selector, after, limit, known_head),
         )
 
     async def batch_after(self, selector: Selector, after: int, limit: int,
@@ -231,11 +236,11 @@ class Reader:
             raise _result_error(conn, final)
         return b"".join(chunks)
 
-    def _select_after(self, conn: Conn, selector: Selector, after: int,
-                      limit: int) -> tuple[bytes, int, int]:
+    def _select_after(self, conn: Conn, selector: Selector, after: int, limit: int,
+                      known_head: int | None = None) -> tuple[bytes, int, int]:
         """COPY output of up to limit + 1 selected events after `after`, the position the
-        query covered up to, and the head."""
-        head = self._head(conn)
+        query covered up to, and the head (or `known_head`, when given)."""
+        head = self._head(conn) if known_head is None else known_head
         if head <= after:
             return b"", after, head
         where = [sql.SQL("position > %s AND position <= %s")]
@@ -265,9 +270,9 @@ class Reader:
         with conn.cursor() as cur:
             return self._copy_rows(cur, query, tuple(params)), upper, head
 
-    def _events_after(self, conn: Conn, selector: Selector, after: int,
-                      limit: int) -> tuple[list[LiveEvent], int, bool]:
-        data, upper, head = self._select_after(conn, selector, after, limit)
+    def _events_after(self, conn: Conn, selector: Selector, after: int, limit: int,
+                      known_head: int | None = None) -> tuple[list[LiveEvent], int, bool]:
+        data, upper, head = self._select_after(conn, selector, after, limit, known_head)
         if not data:
             return [], upper, False
         events = [LiveEvent(*row) for row in encode_event_list(data)]

@@ -54,6 +54,9 @@ class LiveFeed:
         self._settings = settings
         self.window: Window | None = None
         self._wake = trio.Event()
+        # A position up to which everything is known to be committed (this process's writer
+        # says so after each commit): reading up to it needs no head query first.
+        self._committed_up_to = 0
         self._grew = trio.Event()
         self._closed = False
         self._subscribers = 0
@@ -71,8 +74,13 @@ class LiveFeed:
             return 0
         return max(0, window.end - min(self._positions.values()))
 
-    def wake(self) -> None:
-        """Something was committed: read it soon. Cheap; call it as often as you like."""
+    def wake(self, committed_up_to: int = 0) -> None:
+        """Something was committed: read it soon. Cheap; call it as often as you like.
+
+        `committed_up_to`, when known, is a position up to which every event is committed and
+        visible (positions are dense under the writer's lock, so after a commit that ended at
+        P, nothing at or below P is still in flight)."""
+        self._committed_up_to = max(self._committed_up_to, committed_up_to)
         self._wake.set()
 
     def close(self) -> None:
@@ -105,8 +113,10 @@ class LiveFeed:
         assert window is not None
         everything = Selector()
         while True:
+            known = self._committed_up_to
             events, reached, more = await self._reader.events_after(
-                everything, window.end, READ_PAGE)
+                everything, window.end, READ_PAGE,
+                known_head=known if known > window.end else None)
             if reached > window.end:
                 window.extend(events, reached)
                 self._grew.set()
