@@ -35,6 +35,9 @@ import grpc
 import orjson
 import psycopg
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from progress import step
+
 from eventstore import _es_codec as codec
 from eventstore.db.migrations import apply_migrations
 from eventstore.embedded import EmbeddedPostgres
@@ -267,7 +270,8 @@ async def measure(url: str, port: int, seconds: float, quick: bool,
     appends = {}
     for clients in (1, 16, 64):
         for batch in (1, 10, 100):
-            r = await append_load(port, clients, batch, seconds, 200_000, server_pid)
+            with step(f"append batch={batch} clients={clients}"):
+                r = await append_load(port, clients, batch, seconds, 200_000, server_pid)
             appends[f"batch{batch}_clients{clients}"] = r
             print(f"append batch={batch:<3} clients={clients:<2} "
                   f"{r['events_per_s']:>9.0f} ev/s  p50 {r['p50_ms']:.2f} ms  "
@@ -275,24 +279,31 @@ async def measure(url: str, port: int, seconds: float, quick: bool,
                   f"cpu {r['server_cpu_s_per_1000_events']:.3f} s/1k ev", flush=True)
     noop, noop_port = start_noop_server()
     try:
-        noop_unary = await append_load(noop_port, 64, 1, seconds, 200_000)
-        noop_stream = await noop_streaming(noop_port, 20_000 if quick else 100_000)
+        with step("no-op purerpc unary, 64 clients"):
+            noop_unary = await append_load(noop_port, 64, 1, seconds, 200_000)
+        with step("no-op purerpc streaming"):
+            noop_stream = await noop_streaming(noop_port, 20_000 if quick else 100_000)
     finally:
         noop.kill()
         noop.wait()
     print(f"no-op purerpc unary, 64 clients {noop_unary['requests_per_s']:>9.0f} calls/s",
           flush=True)
     print(f"no-op purerpc streaming         {noop_stream:>9.0f} msgs/s", flush=True)
-    copy_in = raw_copy(url, 20_000 if quick else 50_000, 1000)
+    with step("raw binary COPY in"):
+        copy_in = raw_copy(url, 20_000 if quick else 50_000, 1000)
     print(f"raw binary COPY in          {copy_in:>9.0f} ev/s", flush=True)
     stream = str(uuid.uuid4())
-    await seed_stream(port, stream, 10_000)
+    with step("seed a 10k-event stream"):
+        await seed_stream(port, stream, 10_000)
     rounds = 3 if quick else 10
-    get_rate = await get_events_load(port, stream, rounds)
-    out_rate = copy_out(url, stream, rounds)
+    with step("GetEvents 10k stream"):
+        get_rate = await get_events_load(port, stream, rounds)
+    with step("COPY TO STDOUT same rows"):
+        out_rate = copy_out(url, stream, rounds)
     print(f"GetEvents 10k stream        {get_rate:>9.0f} ev/s", flush=True)
     print(f"COPY TO STDOUT same rows    {out_rate:>9.0f} ev/s", flush=True)
-    with_snapshot, replay = await load_with_snapshot(port, stream, rounds * 3)
+    with step("rebuild with snapshot / full replay"):
+        with_snapshot, replay = await load_with_snapshot(port, stream, rounds * 3)
     print(f"rebuild 10k stream: snapshot@9900 + 100 events {1000 * with_snapshot:.2f} ms,"
           f" full replay {1000 * replay:.2f} ms", flush=True)
     b100 = max(appends["batch100_clients16"]["events_per_s"],

@@ -36,6 +36,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core import SERVICE, new_events, start_server
+from progress import step
 
 from eventstore import _es_codec as codec
 from eventstore.db.migrations import apply_migrations
@@ -239,15 +240,20 @@ def copy_out_all(url: str) -> float:
 async def measure(url: str, port: int, quick: bool) -> dict[str, object]:
     results: dict[str, object] = {"latency": []}
     for subscribers in (1, 16, 64):
-        r = await latency(url, port, subscribers, rate=100.0, seconds=3.0 if quick else 10.0)
+        with step(f"live delivery, {subscribers} subscribers"):
+            r = await latency(url, port, subscribers, rate=100.0,
+                              seconds=3.0 if quick else 10.0)
         results["latency"].append(r)  # type: ignore[attr-defined]
         print(f"live subscribers={subscribers:<3} p50 {r['p50_ms']:6.2f} ms  "
               f"p99 {r['p99_ms']:6.2f} ms  ({r['deliveries']}/{r['expected']} delivered)",
               flush=True)
     total = 100_000 if quick else 1_000_000
-    seed(url, total)
-    rate = await catch_up(port, total)
-    baseline = copy_out_all(url)
+    with step(f"seed {total:,} events by COPY"):
+        seed(url, total)
+    with step("SubscribeToAll catch-up"):
+        rate = await catch_up(port, total)
+    with step("COPY TO STDOUT of every event"):
+        baseline = copy_out_all(url)
     print(f"SubscribeToAll catch-up      {rate:>9.0f} ev/s", flush=True)
     print(f"COPY TO STDOUT same rows     {baseline:>9.0f} ev/s", flush=True)
     results.update({"catch_up_events_per_s": rate, "catch_up_copy_out_events_per_s": baseline,
