@@ -9,6 +9,8 @@ in production, then measures in one run:
   one channel per client, each client appending to its own streams);
 - raw binary COPY into the same table (pre-encoded rows, one transaction per 1,000 events): the
   database's ceiling for appends;
+- one-row INSERT + COMMIT into the same table, sequentially through psycopg: what one durable
+  commit per event costs (the floor a group-committing writer has to beat);
 - GetEvents events/s over one 10k-event stream (default pages) vs `COPY (SELECT …) TO STDOUT
   (FORMAT BINARY)` of the same rows.
 
@@ -187,6 +189,29 @@ def raw_copy(url: str, total: int, per_tx: int) -> float:
         return total / (time.perf_counter() - t0)
 
 
+def insert_commit(url: str, seconds: float, max_rows: int) -> float:
+    """Events/s of sequential single-row INSERT + COMMIT into `events` (one durable commit per
+    event), for `seconds` or `max_rows` rows."""
+    stream = str(uuid.uuid4())
+    with psycopg.connect(url) as conn:
+        head = conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+        conn.commit()
+        rows = 0
+        t0 = time.perf_counter()
+        stop_at = t0 + seconds
+        while rows < max_rows and time.perf_counter() < stop_at:
+            rows += 1
+            conn.execute(
+                "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, data,"
+                " metadata, created_at, position) VALUES (%s, %s, 'InsertCommit', %s, 'WordAdded',"
+                " %s::jsonb, %s::jsonb, now(), %s)",
+                (uuid.uuid4(), stream, rows, PAYLOAD.decode(), METADATA.decode(), head + rows),
+                prepare=True,
+            )
+            conn.commit()
+        return rows / (time.perf_counter() - t0)
+
+
 async def get_events_load(port: int, stream: str, rounds: int) -> float:
     async with grpc.aio.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
@@ -292,6 +317,9 @@ async def measure(url: str, port: int, seconds: float, quick: bool,
     with step("raw binary COPY in"):
         copy_in = raw_copy(url, 20_000 if quick else 50_000, 1000)
     print(f"raw binary COPY in          {copy_in:>9.0f} ev/s", flush=True)
+    with step("one-row INSERT + COMMIT"):
+        one_row = insert_commit(url, seconds, 100_000)
+    print(f"one-row INSERT + COMMIT     {one_row:>9.0f} ev/s", flush=True)
     stream = str(uuid.uuid4())
     with step("seed a 10k-event stream"):
         await seed_stream(port, stream, 10_000)
@@ -311,6 +339,7 @@ async def measure(url: str, port: int, seconds: float, quick: bool,
     return {
         "appends": appends,
         "raw_copy_in_events_per_s": copy_in,
+        "insert_commit_events_per_s": one_row,
         "get_events_events_per_s": get_rate,
         "copy_out_events_per_s": out_rate,
         "noop_unary_calls_per_s": noop_unary["requests_per_s"],
@@ -322,6 +351,9 @@ async def measure(url: str, port: int, seconds: float, quick: bool,
             "get_events_vs_copy_out": get_rate / out_rate,
             "batch1_clients64_vs_noop_unary": appends["batch1_clients64"]["events_per_s"]
             / noop_unary["requests_per_s"],
+            # Informational (not gated): group commit against one commit per event.
+            "batch1_clients64_vs_insert_commit": appends["batch1_clients64"]["events_per_s"]
+            / one_row,
         },
     }
 
