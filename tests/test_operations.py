@@ -158,7 +158,7 @@ async def test_every_write_is_audited(server: ServerInfo,
         await client.save_snapshot(stream, "Deck", 3, {"cards": 3})
     records = [r for r in caplog.records if r.name == "eventstore.audit"]
     fields = [{k: getattr(r, k, None) for k in (
-        "operation", "caller", "outcome", "stream_id", "first_version", "last_version",
+        "operation", "caller", "peer", "outcome", "stream_id", "first_version", "last_version",
         "first_position", "last_position", "event_count", "version", "duration_ms")}
         for r in records]
     ok, conflict, snapshot = fields
@@ -166,7 +166,9 @@ async def test_every_write_is_audited(server: ServerInfo,
     assert ok["stream_id"] == stream and ok["event_count"] == 3
     assert (ok["first_version"], ok["last_version"]) == (1, 3)
     assert ok["last_position"] - ok["first_position"] == 2
-    assert str(ok["caller"]).startswith("127.0.0.1:") and ok["duration_ms"] >= 0
+    # Open mode: no credentials identify the caller; its address is there beside the name.
+    assert ok["caller"] == "anonymous" and ok["duration_ms"] >= 0
+    assert str(ok["peer"]).startswith("127.0.0.1:")
     assert conflict["outcome"] == "WrongExpectedVersion" and conflict["stream_id"] == stream
     assert snapshot["operation"] == "snapshot_save" and snapshot["version"] == 3
     assert all("s3cr3t" not in r.getMessage() and "s3cr3t" not in str(vars(r))

@@ -30,10 +30,13 @@ class AppendRequest:
     """A decoded and fully validated AppendEventsRequest; immutable."""
 
     @staticmethod
-    def parse(raw: bytes, max_events: int, max_event_bytes: int) -> AppendRequest:
+    def parse(raw: bytes, max_events: int, max_event_bytes: int,
+              caller: bytes | None = None) -> AppendRequest:
         """Decode and validate serialized AppendEventsRequest bytes.
 
-        Event ids left empty by the client are generated (random UUID v4).
+        Event ids left empty by the client are generated (random UUID v4). ``caller`` (a JSON
+        value) is recorded in every event's metadata under the reserved key
+        ``$eventstore.caller``; metadata that carries that key itself is refused either way.
 
         Raises InvalidRequest (or its subclass RequestTooLarge) for a bad request, ValueError
         when ``max_events`` or ``max_event_bytes`` is below 1.

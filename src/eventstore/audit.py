@@ -1,26 +1,31 @@
 """The audit log: one structured line per write operation (append, snapshot save, snapshot
-deletion), on the `eventstore.audit` logger — who, what stream, which versions and positions,
-how many events, the outcome and how long it took. Payloads are never logged."""
+deletion), refused ones included, on the `eventstore.audit` logger — who (the caller's name,
+key id or certificate subject, and address), what stream, which versions and positions, how
+many events, the outcome and how long it took. Payloads and keys are never logged."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+from eventstore.auth.principals import ANONYMOUS
 from eventstore.v1 import eventstore_pb2 as pb
 
 audit_log = logging.getLogger("eventstore.audit")
 
 
-def caller_of(request: Any) -> str:
-    """The caller's identity: its peer address until API keys identify callers."""
-    return str(getattr(request, "peer", "unknown"))
+def caller_of(request: Any) -> dict[str, str]:
+    """Who made a call, for its audit line: `caller` (the key's or certificate's name, or
+    `anonymous` in open mode), `caller_key_id` or `caller_subject`, and `peer` (address).
+    Never the key itself."""
+    principal = getattr(request, "principal", ANONYMOUS)
+    return {**principal.audit_fields(), "peer": str(getattr(request, "peer", "unknown"))}
 
 
-def record(operation: str, *, caller: str, outcome: str, seconds: float,
-           **fields: object) -> None:
+def record(operation: str, *, outcome: str, seconds: float, **fields: object) -> None:
+    """One audit line; `fields` include who (`caller`, see `caller_of`) and what."""
     audit_log.info("audit %s %s", operation, outcome, extra={
-        "audit": True, "operation": operation, "caller": caller, "outcome": outcome,
+        "audit": True, "operation": operation, "outcome": outcome,
         "duration_ms": round(seconds * 1000, 3), **fields})
 
 

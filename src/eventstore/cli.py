@@ -1,14 +1,18 @@
-"""The command line: `eventstore serve`, `eventstore migrate`."""
+"""The command line: `eventstore serve`, `migrate`, `tail`, `keys`."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 import trio
 
 from eventstore.config import ConfigError, Settings, load_settings
 from eventstore.logs import configure_logging
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _settings() -> Settings:
@@ -35,9 +39,14 @@ def serve(log_format: str | None) -> None:
     """
     settings = _settings()
     configure_logging(settings.log_level, log_format or settings.log_format)
+    from eventstore.auth.keyfile import KeyFileError
     from eventstore.server import serve_until_signalled
 
-    trio.run(serve_until_signalled, settings)
+    try:
+        trio.run(serve_until_signalled, settings)
+    except (ConfigError, KeyFileError) as exc:
+        click.echo(f"eventstore: invalid configuration: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.command()
@@ -70,24 +79,37 @@ def migrate() -> None:
               help="API key (default: $EVENTSTORE_API_KEY).")
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="Stop after this many events.")
+@click.option("--tls", "use_tls", is_flag=True, help="Connect with TLS (system CAs, or --ca-file).")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CA certificate(s) that signed the server's certificate (implies --tls).")
+@click.option("--cert-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Client certificate for mTLS (implies --tls; with --key-file).")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Private key of --cert-file.")
 def tail(host: str, port: int, from_position: int, stream_types: tuple[str, ...],
          event_type_prefixes: tuple[str, ...], no_existing: bool, api_key: str | None,
-         count: int | None) -> None:
+         count: int | None, use_tls: bool, ca_file: str | None, cert_file: str | None,
+         key_file: str | None) -> None:
     """Print events as JSON lines, following the store live (until Ctrl-C or --count).
 
     Survives server restarts: the subscription resumes where it left off.
     """
     import os
 
-    from eventstore.client import ClientError
+    from eventstore.client import ClientError, tls_context
     from eventstore.client._tail import tail as follow
 
     configure_logging("WARNING", "text")
+    if (cert_file is None) != (key_file is None):
+        raise click.UsageError("--cert-file and --key-file go together")
+    tls = None
+    if use_tls or ca_file or cert_file:
+        tls = tls_context(cafile=ca_file, certfile=cert_file, keyfile=key_file)
     try:
         trio.run(lambda: follow(
             host, port, sys.stdout.buffer, from_position=from_position,
             stream_types=stream_types, event_type_prefixes=event_type_prefixes,
-            include_existing=not no_existing, api_key=api_key, count=count))
+            include_existing=not no_existing, api_key=api_key, count=count, tls=tls))
     except ClientError as exc:
         click.echo(f"eventstore tail: {exc}", err=True)
         sys.exit(1)
@@ -96,6 +118,113 @@ def tail(host: str, port: int, from_position: int, stream_types: tuple[str, ...]
     except BrokenPipeError:
         # The reader went away (`eventstore tail | head`): no complaint at exit either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys (the file named by --file or API_KEYS_FILE; only hashes are stored).
+
+    The server picks up changes by itself, within API_KEYS_RELOAD_MS.
+    """
+
+
+_file_option = click.option(
+    "--file", "path", envvar="API_KEYS_FILE", required=True,
+    type=click.Path(dir_okay=False), help="The keys file (default: $API_KEYS_FILE).")
+_permission_options = [
+    click.option("--read", "read", multiple=True, metavar="PATTERN",
+                 help="Stream types it may read: a name, or a pattern with * (repeatable)."),
+    click.option("--write", "write", multiple=True, metavar="PATTERN",
+                 help="Stream types it may append to and save snapshots of (repeatable)."),
+    click.option("--admin", is_flag=True, help="May read and write every stream type."),
+]
+
+
+def _with_permissions(f: _F) -> _F:
+    for option in reversed(_permission_options):
+        f = option(f)
+    return f
+
+
+@keys.command("create")
+@click.argument("name")
+@_with_permissions
+@_file_option
+def keys_create(name: str, read: tuple[str, ...], write: tuple[str, ...], admin: bool,
+                path: str) -> None:
+    """Create a key for the service NAME and print it (only this once).
+
+    Rotation: create a second key with the same NAME, deploy it, then revoke the old one.
+    """
+    from eventstore.auth.keyfile import KeyFileError, create_key
+
+    try:
+        key_id, key = create_key(path, name, read=read, write=write, admin=admin)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(key)
+    click.echo(f"created key {key_id} for {name!r} in {path}; the key is shown only once",
+               err=True)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="As JSON (the file's entries, hashes "
+              "left out).")
+@_file_option
+def keys_list(as_json: bool, path: str) -> None:
+    """List keys: id, name, permissions, created, revoked."""
+    import msgspec
+
+    from eventstore.auth.keyfile import KeyFileError, list_keys
+
+    try:
+        entries = list_keys(path)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        rows = [{k: v for k, v in msgspec.structs.asdict(e).items() if k != "hash"}
+                for e in entries]
+        click.echo(msgspec.json.encode(rows).decode())
+        return
+    for e in entries:
+        state = f"revoked {e.revoked_at}" if e.revoked_at else "active"
+        perms = "admin" if e.admin else (
+            f"read={','.join(e.read) or '-'} write={','.join(e.write) or '-'}")
+        click.echo(f"{e.id}  {e.name:<20} {perms}  created {e.created_at}  {state}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@_file_option
+def keys_revoke(key_id: str, path: str) -> None:
+    """Revoke the key KEY_ID (as `keys list` shows it)."""
+    from eventstore.auth.keyfile import KeyFileError, revoke_key
+
+    try:
+        revoked = revoke_key(path, key_id)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not revoked:
+        raise click.ClickException(f"no active key with id {key_id!r} in {path}")
+    click.echo(f"revoked {key_id}", err=True)
+
+
+@keys.command("allow-certificate")
+@click.argument("subject")
+@click.option("--name", required=True, help="The calling service these certificates are.")
+@_with_permissions
+@_file_option
+def keys_allow_certificate(subject: str, name: str, read: tuple[str, ...],
+                           write: tuple[str, ...], admin: bool, path: str) -> None:
+    """Let mTLS clients whose certificate subject is exactly SUBJECT call without a key
+    (RFC 4514 style, most specific first: CN=progress,O=example)."""
+    from eventstore.auth.keyfile import KeyFileError, allow_certificate
+
+    try:
+        allow_certificate(path, subject, name, read=read, write=write, admin=admin)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"certificate {subject!r} may call as {name!r}", err=True)
 
 
 if __name__ == "__main__":

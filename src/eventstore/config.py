@@ -72,12 +72,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     # How often readiness (database answers, migrations applied) is checked.
     health_check_interval_ms: Annotated[int, msgspec.Meta(ge=50)] = 1000
     statement_timeout_ms: NonNegative = 30_000
+    # Security (docs/design/security.md). Unset API_KEYS_FILE and TLS_CLIENT_CA_FILE: open mode.
+    api_keys_file: str | None = None
+    # How often the keys file is checked for changes.
+    api_keys_reload_ms: Annotated[int, msgspec.Meta(ge=10)] = 1000
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # Makes client certificates signed by this CA required (mTLS).
+    tls_client_ca_file: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
     def __post_init__(self) -> None:
         if self.read_page_default > self.read_page_max:
             raise ValueError("READ_PAGE_DEFAULT must not exceed READ_PAGE_MAX")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

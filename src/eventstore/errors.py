@@ -43,6 +43,15 @@ class FailedPrecondition(EventStoreError):
     stream's version)."""
 
 
+class Unauthenticated(EventStoreError):
+    """Raised when a call carries no credentials, or credentials the server does not know
+    (only when API keys or client certificates are configured)."""
+
+
+class PermissionDenied(EventStoreError):
+    """Raised when the caller is known but may not do this to this stream type."""
+
+
 class Unavailable(EventStoreError):
     """Raised when the database cannot be reached (the outcome of a write is then known to be
     "not written"), or when the server is draining."""

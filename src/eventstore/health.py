@@ -88,8 +88,9 @@ class Health:
         return SERVING if self.state.ready else NOT_SERVING
 
     def methods(self) -> dict[str, Method]:
-        return {f"{HEALTH_SERVICE}/Check": Method(unary=self._grpc_check),
-                f"{HEALTH_SERVICE}/Watch": Method(stream=self._grpc_watch)}
+        # Public: load balancers probe without credentials.
+        return {f"{HEALTH_SERVICE}/Check": Method(unary=self._grpc_check, public=True),
+                f"{HEALTH_SERVICE}/Watch": Method(stream=self._grpc_watch, public=True)}
 
     async def _grpc_check(self, raw: bytes, request: RequestReceived) -> bytes:
         return _status_message(self.serving_status(_service_name(raw)))

@@ -24,11 +24,13 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 class OperationsApp:
     def __init__(self, health: Health, metrics: Metrics,
-                 refresh: Callable[[], Awaitable[None]], open_mode: bool) -> None:
+                 refresh: Callable[[], Awaitable[None]], authentication: str, tls: bool,
+                 ) -> None:
         self._health = health
         self._metrics = metrics
         self._refresh = refresh
-        self._open_mode = open_mode
+        self._authentication = authentication
+        self._tls = tls
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -49,9 +51,8 @@ class OperationsApp:
             body = {"status": "ready" if state.ready else "not ready", "reason": state.reason,
                     "database": state.database, "migrations_applied": state.migrations,
                     "draining": state.draining,
-                    # No API keys are configured yet: say so, loudly.
-                    "authentication": "open (no API keys configured)" if self._open_mode
-                    else "api keys"}
+                    # "open" (anyone may call: local development only), "mtls", "api_keys".
+                    "authentication": self._authentication, "tls": self._tls}
             await _reply(send, 200 if state.ready else 503, orjson.dumps(body),
                          "application/json")
         elif path == "/metrics":

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import trio
 
+from eventstore.auth.authenticator import Authenticator
+from eventstore.auth.tls import server_context
 from eventstore.config import Settings
 from eventstore.db.connection import connect
 from eventstore.db.migrations import apply_migrations
@@ -69,8 +71,18 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
     applied = await trio.to_thread.run_sync(migrate, url)
     if applied:
         log.info("migrations applied", extra={"migrations": applied})
-    log.warning("no API keys are configured: the server is open to every caller "
-                "(local development only)")
+    ssl_context = server_context(settings)
+    authenticator = Authenticator(settings.api_keys_file,
+                                  client_certificates=settings.tls_client_ca_file is not None,
+                                  reload_seconds=settings.api_keys_reload_ms / 1000)
+    if authenticator.mode == "open":
+        log.warning("NO AUTHENTICATION: neither API_KEYS_FILE nor TLS_CLIENT_CA_FILE is set, "
+                    "so every caller may read and write everything (local development only)")
+    else:
+        log.info("authentication on", extra={"authentication": authenticator.mode,
+                                             "api_keys": authenticator.key_count})
+    if ssl_context is None:
+        log.warning("the gRPC port speaks plaintext (TLS_CERT_FILE is unset)")
     metrics = Metrics()
     writer = AppendWriter(url, settings, metrics)
     reader = Reader(url, settings)
@@ -93,6 +105,7 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
             max_request_bytes=settings.max_request_bytes,
             observe=lambda method, code, seconds: metrics.grpc_seconds.labels(
                 method, code).observe(seconds),
+            authenticate=authenticator.authenticate,
         )
 
         async def refresh_gauges() -> None:
@@ -109,16 +122,19 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
             metrics.streams.set(streams)
             metrics.snapshots.set(snaps)
 
-        http_app = OperationsApp(health, metrics, refresh_gauges, open_mode=True)
+        http_app = OperationsApp(health, metrics, refresh_gauges,
+                                 authentication=authenticator.mode, tls=ssl_context is not None)
         async with trio.open_nursery() as nursery:
             await nursery.start(health.run)
+            await nursery.start(authenticator.run)
             await nursery.start(writer.run)
             await nursery.start(feed.run)
             await nursery.start(listen_for_commits, url, feed, lambda: writer.backend_pid)
             await nursery.start(run_retention, snapshots, settings)
             http_port = await nursery.start(serve_http, http_app, settings.host,
                                             settings.http_port)
-            port = await nursery.start(grpc_server.serve, settings.host, settings.port)
+            port = await nursery.start(grpc_server.serve, settings.host, settings.port,
+                                       ssl_context)
             log.info("eventstore listening", extra={"grpc_port": port, "http_port": http_port})
             task_status.started(ServerInfo(port=port, database_url=url, feed=feed,
                                            http_port=http_port))

@@ -65,6 +65,32 @@ pub fn validate(doc: &[u8]) -> Result<TopLevel, JsonError> {
     })
 }
 
+/// Whether the top level of `doc`, a document `validate` accepted as an object, has the key
+/// `key` (compared after JSON unescaping, so `"\u0024x"` is the key `$x`).
+pub fn object_has_key(doc: &[u8], key: &str) -> bool {
+    struct Find<'k>(&'k str);
+
+    impl<'de> Visitor<'de> for Find<'_> {
+        type Value = bool;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut found = false;
+            while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                found |= k == self.0;
+                map.next_value::<de::IgnoredAny>()?;
+            }
+            Ok(found)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_slice(doc);
+    de::Deserializer::deserialize_map(&mut de, Find(key)).unwrap_or(false)
+}
+
 /// Walks one value. `number_text`: the value is (almost surely) a number's text handed over by
 /// serde_json under [`NUMBER_TOKEN`], to be checked against numeric's limits.
 #[derive(Clone, Copy)]

@@ -17,6 +17,7 @@ use pyo3::types::PyBytes;
 
 use crate::copy_in;
 use crate::copy_out;
+use crate::json;
 use crate::request::{quote, AppendRequest, ErrorKind, EventView, Limits, RequestError};
 use crate::uuids;
 use crate::versions;
@@ -94,15 +95,28 @@ impl PyAppendRequest {
 
 #[pymethods]
 impl PyAppendRequest {
-    /// Decodes and validates serialized `AppendEventsRequest` bytes.
+    /// Decodes and validates serialized `AppendEventsRequest` bytes. `caller`, a JSON value,
+    /// is recorded in every event's metadata under the reserved key.
     #[staticmethod]
-    fn parse(py: Python<'_>, raw: &[u8], max_events: i64, max_event_bytes: i64) -> PyResult<Self> {
+    #[pyo3(signature = (raw, max_events, max_event_bytes, caller=None))]
+    fn parse(
+        py: Python<'_>,
+        raw: &[u8],
+        max_events: i64,
+        max_event_bytes: i64,
+        caller: Option<&[u8]>,
+    ) -> PyResult<Self> {
         let limits = Limits {
             max_events: limit("max_events", max_events, 1)?,
             max_event_bytes: limit("max_event_bytes", max_event_bytes, 1)?,
         };
+        if let Some(caller) = caller {
+            if json::validate(caller).is_err() {
+                return Err(PyValueError::new_err("caller: not a JSON value"));
+            }
+        }
         maybe_allow_threads(py, raw.len() >= RELEASE_GIL_AT, || {
-            AppendRequest::parse(raw, limits)
+            AppendRequest::parse_with_caller(raw, limits, caller)
         })
         .map(|inner| PyAppendRequest { inner })
         .map_err(request_error)
@@ -270,10 +284,7 @@ type LiveEvent<'py> = (i64, i64, String, String, String, Bound<'py, PyBytes>);
 
 /// Every row of binary COPY output as a `LiveEvent`.
 #[pyfunction]
-fn encode_event_list<'py>(
-    py: Python<'py>,
-    copy_out: &[u8],
-) -> PyResult<Vec<LiveEvent<'py>>> {
+fn encode_event_list<'py>(py: Python<'py>, copy_out: &[u8]) -> PyResult<Vec<LiveEvent<'py>>> {
     let rows = maybe_allow_threads(py, copy_out.len() >= RELEASE_GIL_AT, || {
         copy_out::all_rows(copy_out)
     })

@@ -14,6 +14,9 @@ use crate::uuids;
 
 /// PostgreSQL `VARCHAR(255)`: the limit counts characters, not bytes.
 const MAX_NAME_CHARS: usize = 255;
+/// The top-level metadata key under which the server records who appended an event. Clients
+/// may not send it (that would forge the record).
+pub const CALLER_KEY: &str = "$eventstore.caller";
 /// How much of a rejected value an error message echoes back.
 const MAX_ECHO_CHARS: usize = 64;
 
@@ -103,6 +106,17 @@ pub struct ArgumentError(pub String);
 impl AppendRequest {
     /// Decodes and validates a serialized `AppendEventsRequest`.
     pub fn parse(raw: &[u8], limits: Limits) -> Result<AppendRequest, RequestError> {
+        Self::parse_with_caller(raw, limits, None)
+    }
+
+    /// Like [`parse`](Self::parse), and when `caller` (a JSON value) is given, every event's
+    /// metadata gets it under [`CALLER_KEY`] (events without metadata get an object with just
+    /// that key). A client's own use of the key is refused either way.
+    pub fn parse_with_caller(
+        raw: &[u8],
+        limits: Limits,
+        caller: Option<&[u8]>,
+    ) -> Result<AppendRequest, RequestError> {
         let fields = proto::decode_append_request(raw, |_| {})
             .map_err(|_| invalid("request: not a valid AppendEventsRequest message".to_owned()))?;
 
@@ -177,31 +191,20 @@ impl AppendRequest {
             check_duplicate_ids(&events, client_id_count)?;
         }
 
-        for (i, ev) in events.iter().enumerate() {
-            json::validate(ev.fields.data.get(raw))
-                .map_err(|e| invalid(format!("events[{i}].data: invalid JSON: {e}")))?;
-            if !ev.fields.metadata.is_empty() {
-                match json::validate(ev.fields.metadata.get(raw)) {
-                    Ok(TopLevel::Object) => {}
-                    Ok(TopLevel::Other) => {
-                        return Err(invalid(format!(
-                            "events[{i}].metadata: must be a JSON object"
-                        )))
-                    }
-                    Err(e) => {
-                        return Err(invalid(format!("events[{i}].metadata: invalid JSON: {e}")))
-                    }
-                }
-            }
-        }
+        check_json(raw, &events)?;
 
         // Ids are generated last so a rejected request consumes no randomness.
         if client_id_count < count {
             assign_random_ids(&mut events)?;
         }
 
+        let mut buf = raw.to_vec();
+        if let Some(caller) = caller {
+            payload_bytes += record_caller(&mut buf, raw.len(), &mut events, caller);
+        }
+
         Ok(AppendRequest {
-            buf: raw.into(),
+            buf: buf.into_boxed_slice(),
             stream_id,
             stream_type: fields.stream_type,
             expected_version: fields.expected_version,
@@ -385,6 +388,90 @@ fn check_name(bytes: &[u8]) -> Result<(), NameProblem> {
         return Err(NameProblem::Nul);
     }
     Ok(())
+}
+
+/// Every event's data is valid JSON, its metadata (if any) a valid JSON object without the
+/// reserved key: the only checks proportional to the payload, so they run last.
+fn check_json(raw: &[u8], events: &[StoredEvent]) -> Result<(), RequestError> {
+    for (i, ev) in events.iter().enumerate() {
+        json::validate(ev.fields.data.get(raw))
+            .map_err(|e| invalid(format!("events[{i}].data: invalid JSON: {e}")))?;
+        if !ev.fields.metadata.is_empty() {
+            let doc = ev.fields.metadata.get(raw);
+            match json::validate(doc) {
+                Ok(TopLevel::Object) => {
+                    if json::object_has_key(doc, CALLER_KEY) {
+                        return Err(invalid(format!(
+                            "events[{i}].metadata: the key \"{CALLER_KEY}\" is reserved: \
+                             the server records the caller there"
+                        )));
+                    }
+                }
+                Ok(TopLevel::Other) => {
+                    return Err(invalid(format!(
+                        "events[{i}].metadata: must be a JSON object"
+                    )))
+                }
+                Err(e) => return Err(invalid(format!("events[{i}].metadata: invalid JSON: {e}"))),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives every event of `events` (decoded from `buf[..raw_len]`) new metadata, appended to
+/// `buf`, that records `caller`; returns how many bytes that added to the payload.
+fn record_caller(
+    buf: &mut Vec<u8>,
+    raw_len: usize,
+    events: &mut [StoredEvent],
+    caller: &[u8],
+) -> usize {
+    let mut added = 0;
+    for ev in events {
+        let start = buf.len();
+        let old = ev.fields.metadata;
+        let mut doc = Vec::new();
+        let metadata = (!old.is_empty()).then(|| old.get(&buf[..raw_len]));
+        with_caller(metadata, caller, &mut doc);
+        added += doc.len() - old.len();
+        buf.extend_from_slice(&doc);
+        ev.fields.metadata = Span {
+            start,
+            end: buf.len(),
+        };
+    }
+    added
+}
+
+/// Appends to `out` the metadata object `metadata` (a validated JSON object, or none) with
+/// `"$eventstore.caller": caller` as its first member.
+fn with_caller(metadata: Option<&[u8]>, caller: &[u8], out: &mut Vec<u8>) {
+    out.push(b'{');
+    out.extend_from_slice(
+        serde_json::to_string(CALLER_KEY)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    out.push(b':');
+    out.extend_from_slice(caller);
+    // A valid object's first non-blank byte is its `{`; what follows it is its members and
+    // the closing `}`.
+    let rest = metadata
+        .and_then(|doc| {
+            doc.iter()
+                .position(|&b| b == b'{')
+                .map(|open| &doc[open + 1..])
+        })
+        .unwrap_or(b"}");
+    let empty = rest
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_none_or(|&b| b == b'}');
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
 }
 
 /// A client value for an error message: quoted, control characters escaped, cut to

@@ -4,6 +4,7 @@ event on stdout."""
 from __future__ import annotations
 
 import signal
+import ssl
 from collections.abc import Sequence
 from typing import BinaryIO
 
@@ -34,7 +35,7 @@ def event_line(event: RecordedEvent) -> bytes:
 async def tail(host: str, port: int, out: BinaryIO, *, from_position: int = 0,
                stream_types: Sequence[str] = (), event_type_prefixes: Sequence[str] = (),
                include_existing: bool = True, api_key: str | None = None,
-               count: int | None = None) -> None:
+               count: int | None = None, tls: ssl.SSLContext | None = None) -> None:
     """Write matching events to `out` until `count` events were written, SIGINT/SIGTERM, or a
     non-retryable error (raised as `ClientError`). A closed `out` (a pipe's reader left) ends
     it quietly."""
@@ -46,7 +47,8 @@ async def tail(host: str, port: int, out: BinaryIO, *, from_position: int = 0,
             with stop:
                 await _follow(host, port, out, from_position=from_position,
                               stream_types=stream_types, event_type_prefixes=event_type_prefixes,
-                              include_existing=include_existing, api_key=api_key, count=count)
+                              include_existing=include_existing, api_key=api_key, count=count,
+                              tls=tls)
         except ClientError as exc:
             error = exc
         finally:
@@ -64,9 +66,10 @@ async def _stop_on_signal(stop: trio.CancelScope) -> None:
 
 async def _follow(host: str, port: int, out: BinaryIO, *, from_position: int,
                   stream_types: Sequence[str], event_type_prefixes: Sequence[str],
-                  include_existing: bool, api_key: str | None, count: int | None) -> None:
+                  include_existing: bool, api_key: str | None, count: int | None,
+                  tls: ssl.SSLContext | None) -> None:
     written = 0
-    async with EventStoreClient.connect(host, port, api_key=api_key) as client:
+    async with EventStoreClient.connect(host, port, api_key=api_key, tls=tls) as client:
         subscription = client.subscribe_to_all(
             from_position=from_position, include_existing=include_existing,
             stream_types=stream_types, event_type_prefixes=event_type_prefixes)

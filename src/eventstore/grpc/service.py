@@ -11,6 +11,7 @@ from purerpc.grpclib.events import RequestReceived
 
 from eventstore import _es_codec as codec
 from eventstore import audit
+from eventstore.auth.principals import ANONYMOUS, Principal
 from eventstore.config import Settings
 from eventstore.errors import EventStoreError, InvalidArgument, LimitExceeded
 from eventstore.grpc.transport import Method
@@ -31,6 +32,13 @@ from eventstore.v1 import eventstore_pb2 as pb
 
 SERVICE_NAME = "eventstore.v1.EventStoreService"
 
+
+def caller(request: RequestReceived) -> Principal:
+    """Who is calling (set by the transport once the call's credentials are checked)."""
+    principal = getattr(request, "principal", ANONYMOUS)
+    assert isinstance(principal, Principal)
+    return principal
+
 _M = TypeVar("_M", bound=Message)
 
 
@@ -45,11 +53,13 @@ def decode(message_type: type[_M], raw: bytes) -> _M:
     return message
 
 
-def parse_append(raw: bytes, settings: Settings) -> codec.AppendRequest:
-    """Validate an AppendEventsRequest (in Rust) and translate its errors to the domain's."""
+def parse_append(raw: bytes, settings: Settings,
+                 caller: bytes | None = None) -> codec.AppendRequest:
+    """Validate an AppendEventsRequest (in Rust) and translate its errors to the domain's.
+    `caller` (JSON) is recorded in each event's metadata under `$eventstore.caller`."""
     try:
         return codec.AppendRequest.parse(
-            raw, settings.max_events_per_request, settings.max_event_bytes
+            raw, settings.max_events_per_request, settings.max_event_bytes, caller
         )
     except codec.RequestTooLarge as exc:
         raise LimitExceeded(str(exc)) from None
@@ -81,18 +91,20 @@ class EventStoreService:
     async def append_events(self, raw: bytes, request: RequestReceived) -> bytes:
         started = time.perf_counter()
         parsed: codec.AppendRequest | None = None
+        principal = caller(request)
         try:
-            parsed = parse_append(raw, self._settings)
+            parsed = parse_append(raw, self._settings, principal.caller_json)
+            principal.check_write(parsed.stream_type)
             reply = await self._writer.append(parsed)
         except EventStoreError as error:
-            audit.record("append", caller=audit.caller_of(request),
+            audit.record("append", **audit.caller_of(request),
                          outcome=type(error).__name__, seconds=time.perf_counter() - started,
                          stream_id=parsed.stream_id if parsed else None,
                          stream_type=parsed.stream_type if parsed else None,
                          event_count=parsed.event_count if parsed else None,
                          reason=error.message)
             raise
-        audit.record("append", caller=audit.caller_of(request), outcome="ok",
+        audit.record("append", **audit.caller_of(request), outcome="ok",
                      seconds=time.perf_counter() - started, stream_id=parsed.stream_id,
                      stream_type=parsed.stream_type, **audit.append_fields(reply))
         return reply
@@ -109,14 +121,16 @@ class EventStoreService:
             default_page=self._settings.read_page_default,
             max_page=self._settings.read_page_max,
         )
+        caller(request).check_read(query.stream_type)
         return await self._reader.get_events(query)
 
     async def read_all(self, raw: bytes, request: RequestReceived) -> bytes:
         msg = decode(pb.ReadAllRequest, raw)
+        event_filter = parse_filter(msg.filter.stream_types, msg.filter.event_type_prefixes)
         query = parse_position_range(
             msg.from_position,
             msg.max_count,
-            parse_filter(msg.filter.stream_types, msg.filter.event_type_prefixes),
+            event_filter.restricted_to(caller(request).read_scope(event_filter.stream_types)),
             default_page=self._settings.read_page_default,
             max_page=self._settings.read_page_max,
         )
@@ -129,6 +143,7 @@ class EventStoreService:
         max_version = msg.max_version if msg.HasField("max_version") else None
         if max_version is not None and max_version < 0:
             raise InvalidArgument(f"max_version: must not be negative, got {max_version}")
+        caller(request).check_read(stream_type)
         snapshot = await self._snapshots.latest(stream_id, stream_type, max_version)
         reply = pb.GetSnapshotResponse(found=snapshot is not None)
         if snapshot is not None:
@@ -144,14 +159,15 @@ class EventStoreService:
         check_snapshot_data(msg.data, self._settings.max_snapshot_bytes)
         started = time.perf_counter()
         try:
+            caller(request).check_write(stream_type)
             saved = await self._snapshots.save(stream_id, stream_type, msg.version, msg.data)
         except EventStoreError as error:
-            audit.record("snapshot_save", caller=audit.caller_of(request),
+            audit.record("snapshot_save", **audit.caller_of(request),
                          outcome=type(error).__name__, seconds=time.perf_counter() - started,
                          stream_id=stream_id, stream_type=stream_type, version=msg.version,
                          reason=error.message)
             raise
-        audit.record("snapshot_save", caller=audit.caller_of(request), outcome="ok",
+        audit.record("snapshot_save", **audit.caller_of(request), outcome="ok",
                      seconds=time.perf_counter() - started, stream_id=stream_id,
                      stream_type=stream_type, version=msg.version,
                      snapshot_id=saved.snapshot_id)
@@ -173,6 +189,7 @@ class EventStoreService:
         msg = decode(pb.SubscribeRequest, raw)
         stream_type = check_name("stream_type", msg.stream_type)
         max_batch, interval = self._delivery(msg.max_batch_size, msg.checkpoint_interval_ms)
+        caller(request).check_read(stream_type)
         if msg.stream_id:
             stream_id = parse_uuid("stream_id", msg.stream_id)
             if msg.from_position:
@@ -201,6 +218,8 @@ class EventStoreService:
     async def subscribe_to_all(self, raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
         msg = decode(pb.SubscribeAllRequest, raw)
         event_filter = parse_filter(msg.filter.stream_types, msg.filter.event_type_prefixes)
+        event_filter = event_filter.restricted_to(
+            caller(request).read_scope(event_filter.stream_types))
         if msg.from_position < 0:
             raise InvalidArgument(f"from_position: must not be negative, got {msg.from_position}")
         max_batch, interval = self._delivery(msg.max_batch_size, msg.checkpoint_interval_ms)

@@ -11,6 +11,8 @@ from eventstore.errors import (
     Internal,
     InvalidArgument,
     LimitExceeded,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
     WrongExpectedVersion,
 )
@@ -22,6 +24,8 @@ STATUS_OF: dict[type[EventStoreError], StatusCode] = {
     AlreadyExists: StatusCode.ALREADY_EXISTS,
     FailedPrecondition: StatusCode.FAILED_PRECONDITION,
     Unavailable: StatusCode.UNAVAILABLE,
+    Unauthenticated: StatusCode.UNAUTHENTICATED,
+    PermissionDenied: StatusCode.PERMISSION_DENIED,
     Internal: StatusCode.INTERNAL,
 }
 

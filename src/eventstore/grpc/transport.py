@@ -14,23 +14,29 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.abc
 import h2.exceptions
 import trio
-from anyio.streams.tls import TLSListener
+from anyio.streams.tls import TLSAttribute
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpclib.connection import GRPCConfiguration
 from purerpc.grpclib.events import RequestReceived
 from purerpc.grpclib.exceptions import StreamClosedError
 from purerpc.grpclib.status import Status, StatusCode
 
+from eventstore.auth.principals import ANONYMOUS, Principal
+from eventstore.auth.tls import QuietTLSListener
 from eventstore.errors import EventStoreError, LimitExceeded
 from eventstore.grpc.status import internal_error, to_status
 
 log = logging.getLogger(__name__)
 
+# Who is calling: from the call's custom metadata and the TLS client certificate (or None);
+# raises Unauthenticated.
+Authenticate = Callable[[tuple[tuple[str, Any], ...], Any], Principal]
 UnaryHandler = Callable[[bytes, RequestReceived], Awaitable[bytes]]
 StreamHandler = Callable[[bytes, RequestReceived], AsyncIterator[bytes]]
 
@@ -63,14 +69,18 @@ class _Serialized:
 class Method:
     unary: UnaryHandler | None = None
     stream: StreamHandler | None = None
+    # Callable without credentials (the health service: load balancers probe it).
+    public: bool = False
 
 
 class GrpcServer:
     """Serves `methods` (keyed by "package.Service/Method") on one TCP port."""
 
     def __init__(self, methods: dict[str, Method], *, max_request_bytes: int,
-                 observe: Callable[[str, str, float], None] | None = None) -> None:
+                 observe: Callable[[str, str, float], None] | None = None,
+                 authenticate: Authenticate | None = None) -> None:
         self._methods = methods
+        self._authenticate = authenticate
         self._observe = observe
         self._max_request_bytes = max_request_bytes
         self._config = GRPCConfiguration(client_side=False,
@@ -87,18 +97,19 @@ class GrpcServer:
         self.port = int(tcp.extra(anyio.abc.SocketAttribute.local_port))
         listener = tcp
         if ssl_context is not None:
-            listener = TLSListener(tcp, ssl_context, standard_compatible=False)
+            listener = QuietTLSListener(tcp, ssl_context, standard_compatible=False)
         async with listener:
             task_status.started(self.port)
             await listener.serve(self._connection)
 
     async def _connection(self, byte_stream: anyio.abc.ByteStream) -> None:
         peer = _peer_of(byte_stream)
+        certificate = byte_stream.extra(TLSAttribute.peer_certificate, None)
         try:
             async with GRPCProtoSocket(self._config, byte_stream) as grpc_socket:
                 async with trio.open_nursery() as nursery:
                     async for stream in grpc_socket.listen():
-                        nursery.start_soon(self._request, stream, peer)
+                        nursery.start_soon(self._request, stream, peer, certificate)
         except Exception as exc:
             # A peer that resets or speaks bad HTTP/2 only ends its own connection.
             log.debug("gRPC connection ended: %s", type(exc).__name__)
@@ -108,12 +119,14 @@ class GrpcServer:
             with trio.CancelScope(shield=True):
                 await byte_stream.aclose()
 
-    async def _request(self, stream: GRPCProtoStream, peer: str) -> None:
+    async def _request(self, stream: GRPCProtoStream, peer: str,
+                       certificate: Any) -> None:
         try:
             await stream.start_response()
             event = await stream.receive_event()
-            # Handlers see who called (the audit log names the caller).
+            # Handlers see where the call came from (the audit log names it).
             event.peer = peer
+            event.principal = ANONYMOUS
             if not isinstance(event, RequestReceived):
                 await stream.close(Status(StatusCode.INTERNAL, status_message="expected headers"))
                 return
@@ -125,15 +138,18 @@ class GrpcServer:
                     "is not implemented",
                 ))
                 return
-            await self._dispatch(stream, event, method)
+            await self._dispatch(stream, event, method, certificate)
         except Exception as exc:
             log.debug("gRPC stream ended: %s", type(exc).__name__)
 
     async def _dispatch(self, stream: GRPCProtoStream, event: RequestReceived,
-                        method: Method) -> None:
+                        method: Method, certificate: Any) -> None:
         started = time.perf_counter()
         code = "OK"
         try:
+            if self._authenticate is not None and not method.public:
+                # Before the request is read: an unknown caller learns nothing about it.
+                event.principal = self._authenticate(event.custom_metadata, certificate)
             raw = await stream.receive_message()
             if raw is None:
                 raise _BadRequest("the request has no message")

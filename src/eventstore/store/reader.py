@@ -29,7 +29,13 @@ from eventstore.db.connection import APPLICATION_NAME
 from eventstore.db.errors import is_connection_error, to_domain
 from eventstore.store.live import LiveEvent, Selector
 from eventstore.store.snapshots import latest_snapshot, snapshot_message
-from eventstore.store.validation import PositionRange, StreamRange, like_prefix
+from eventstore.store.validation import (
+    EventFilter,
+    PositionRange,
+    StreamRange,
+    like_pattern,
+    like_prefix,
+)
 from eventstore.v1 import eventstore_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -243,7 +249,7 @@ class Reader:
         head = self._head(conn) if known_head is None else known_head
         if head <= after:
             return b"", after, head
-        where = [sql.SQL("position > %s AND position <= %s")]
+        where: list[sql.Composable] = [sql.SQL("position > %s AND position <= %s")]
         params: list[object] = [after]
         order = sql.SQL("position")
         if selector.stream_id is not None:
@@ -258,12 +264,7 @@ class Reader:
             upper = head if selector.filter.empty else min(
                 head, after + self._settings.read_all_scan_window)
             params.append(upper)
-            if selector.filter.stream_types:
-                where.append(sql.SQL("stream_type = ANY(%s)"))
-                params.append(list(selector.filter.stream_types))
-            if selector.filter.event_type_prefixes:
-                where.append(sql.SQL("event_type LIKE ANY(%s)"))
-                params.append([like_prefix(p) for p in selector.filter.event_type_prefixes])
+            _add_filter(selector.filter, where, params)
         params.append(limit + 1)
         query = sql.SQL("SELECT {} FROM events WHERE {} ORDER BY {} LIMIT %s").format(
             sql.SQL(EVENT_COLUMNS), sql.SQL(" AND ").join(where), order)
@@ -350,14 +351,9 @@ class Reader:
                 # report how far it got, so the caller advances past filtered-out events.
                 head = self._head(conn)
                 upper = min(head, q.after + self._settings.read_all_scan_window)
-                where = [sql.SQL("position > %s AND position <= %s")]
+                where: list[sql.Composable] = [sql.SQL("position > %s AND position <= %s")]
                 params: list[object] = [q.after, upper]
-                if q.filter.stream_types:
-                    where.append(sql.SQL("stream_type = ANY(%s)"))
-                    params.append(list(q.filter.stream_types))
-                if q.filter.event_type_prefixes:
-                    where.append(sql.SQL("event_type LIKE ANY(%s)"))
-                    params.append([like_prefix(p) for p in q.filter.event_type_prefixes])
+                _add_filter(q.filter, where, params)
                 params.append(q.limit + 1)
                 query = sql.SQL("SELECT {} FROM events WHERE {} ORDER BY position LIMIT %s").format(
                     sql.SQL(EVENT_COLUMNS), sql.SQL(" AND ").join(where)
@@ -371,3 +367,17 @@ class Reader:
                     reply.next_from_position = max(upper, q.after)
                     reply.has_more = upper < head
         return events + reply.SerializeToString()
+
+
+def _add_filter(event_filter: EventFilter, where: list[sql.Composable],
+                params: list[object]) -> None:
+    """The WHERE conditions (and their parameters) of a ReadAll / SubscribeToAll filter."""
+    if event_filter.stream_types:
+        where.append(sql.SQL("stream_type = ANY(%s)"))
+        params.append(list(event_filter.stream_types))
+    if event_filter.event_type_prefixes:
+        where.append(sql.SQL("event_type LIKE ANY(%s)"))
+        params.append([like_prefix(p) for p in event_filter.event_type_prefixes])
+    if event_filter.type_patterns:
+        where.append(sql.SQL("stream_type LIKE ANY(%s)"))
+        params.append([like_pattern(p) for p in event_filter.type_patterns])

@@ -5,9 +5,11 @@ Each function raises `InvalidArgument` with a message naming the field and the r
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from eventstore.errors import InvalidArgument
 
@@ -48,19 +50,50 @@ def page_size(field: str, value: int, default: int, maximum: int) -> int:
 
 @dataclass(frozen=True)
 class EventFilter:
-    """ReadAll / SubscribeToAll filter; empty tuples mean no filtering on that field."""
+    """ReadAll / SubscribeToAll filter; empty tuples mean no filtering on that field.
+
+    `type_patterns` is not the client's: it is what the caller may read (stream-type patterns,
+    `*` matching any run of characters), set by the server when the caller may read only some
+    types."""
 
     stream_types: tuple[str, ...] = ()
     event_type_prefixes: tuple[str, ...] = ()
+    type_patterns: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.stream_types and not self.event_type_prefixes
+        return not self.stream_types and not self.event_type_prefixes and not self.type_patterns
+
+    @cached_property
+    def _type_regex(self) -> re.Pattern[str]:
+        return type_pattern_regex(self.type_patterns)
 
     def matches(self, stream_type: str, event_type: str) -> bool:
         if self.stream_types and stream_type not in self.stream_types:
             return False
+        if self.type_patterns and self._type_regex.match(stream_type) is None:
+            return False
         return not self.event_type_prefixes or event_type.startswith(self.event_type_prefixes)
+
+    def restricted_to(self, type_patterns: tuple[str, ...] | None) -> EventFilter:
+        """This filter, narrowed to the stream types matching `type_patterns` (None: as is)."""
+        if type_patterns is None:
+            return self
+        return EventFilter(self.stream_types, self.event_type_prefixes, type_patterns)
+
+
+def type_pattern_regex(patterns: Sequence[str]) -> re.Pattern[str]:
+    """One regular expression that matches (with `.match`) exactly the stream types that match
+    one of `patterns` (`*` = any run of characters; no pattern, no match)."""
+    parts = [".*".join(re.escape(piece) for piece in p.split("*")) for p in patterns]
+    return re.compile("(?:" + "|".join(parts) + r")\Z" if parts else r"(?!)", re.DOTALL)
+
+
+def like_pattern(pattern: str) -> str:
+    """A stream-type pattern (`*` = any run of characters) as a LIKE pattern (backslash
+    escapes, PostgreSQL's default)."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%")
 
 
 def parse_filter(stream_types: Sequence[str], prefixes: Sequence[str]) -> EventFilter:

@@ -580,3 +580,83 @@ mod properties {
         }
     }
 }
+
+const CALLER: &[u8] = br#"{"name":"vocabulary","key_id":"9f2c4e1a7b3d5e60"}"#;
+
+fn metadata_with_caller(meta: &str) -> serde_json::Value {
+    let r = req(vec![ev("", "created", "{}", meta)]);
+    let parsed = AppendRequest::parse_with_caller(&r.encode(), LIMITS, Some(CALLER))
+        .unwrap_or_else(|e| panic!("rejected: {e}"));
+    let doc = parsed.event(0).and_then(|e| e.metadata).expect("metadata");
+    assert_eq!(
+        json::validate(doc),
+        Ok(TopLevel::Object),
+        "{}",
+        String::from_utf8_lossy(doc)
+    );
+    serde_json::from_slice(doc).expect("json")
+}
+
+#[test]
+fn records_the_caller_in_metadata() {
+    let caller: serde_json::Value = serde_json::from_slice(CALLER).expect("json");
+    assert_eq!(
+        metadata_with_caller(""),
+        serde_json::json!({ CALLER_KEY: caller })
+    );
+    assert_eq!(
+        metadata_with_caller("{}"),
+        serde_json::json!({ CALLER_KEY: caller })
+    );
+    assert_eq!(
+        metadata_with_caller(" \n{ \t} "),
+        serde_json::json!({ CALLER_KEY: caller })
+    );
+    assert_eq!(
+        metadata_with_caller(r#" { "a" : [1, {"b": null}], "c": "}" } "#),
+        serde_json::json!({ CALLER_KEY: caller, "a": [1, {"b": null}], "c": "}" })
+    );
+}
+
+#[test]
+fn leaves_metadata_alone_without_a_caller() {
+    let r = req(vec![
+        ev("", "created", "{}", r#"{"a":1}"#),
+        ev("", "x", "{}", ""),
+    ]);
+    let parsed = parse(&r);
+    assert_eq!(
+        parsed.event(0).and_then(|e| e.metadata),
+        Some(&br#"{"a":1}"#[..])
+    );
+    assert_eq!(parsed.event(1).and_then(|e| e.metadata), None);
+}
+
+#[test]
+fn refuses_the_reserved_metadata_key_however_spelled() {
+    for meta in [
+        r#"{"$eventstore.caller": "me"}"#,
+        r#"{"a": 1, "\u0024eventstore.caller": {"name": "admin"}}"#,
+        r#"{"a": 1, "$eventstore.caller": 1, "a": 2}"#,
+    ] {
+        let r = req(vec![
+            ev("", "created", "{}", "{}"),
+            ev("", "created", "{}", meta),
+        ]);
+        let message = reject(&r);
+        assert!(
+            message.starts_with("events[1].metadata: the key"),
+            "{message}"
+        );
+        let e = AppendRequest::parse_with_caller(&r.encode(), LIMITS, Some(CALLER))
+            .expect_err("rejected");
+        assert_eq!(e.kind, ErrorKind::Invalid);
+    }
+    // Only the top level is reserved.
+    parse(&req(vec![ev(
+        "",
+        "created",
+        "{}",
+        r#"{"a": {"$eventstore.caller": 1}}"#,
+    )]));
+}
