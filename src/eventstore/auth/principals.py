@@ -55,9 +55,9 @@ class Principal:
     caller_json: bytes | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # The key id is not recorded here (the audit line has it): a retry sent with another
+        # key of the same service, during a rotation, must still be recognised as a retry.
         value: dict[str, str] = {"name": self.name}
-        if self.key_id is not None:
-            value["key_id"] = self.key_id
         if self.subject is not None:
             value["subject"] = self.subject
         object.__setattr__(self, "caller_json", orjson.dumps(value) if self.recorded else None)
