@@ -389,6 +389,40 @@ async def test_tls(nursery: trio.Nursery, tmp_path: Path) -> None:
             await collect(client.read_all())
 
 
+async def test_mtls_refusal_is_unavailable(nursery: trio.Nursery, tmp_path: Path,
+                                          database_url: str) -> None:
+    """A real server that requires client certificates refuses one from another CA, or none:
+    under TLS 1.3 the client learns it only during its first call. Every time, that call
+    raises Unavailable and leaving the client raises nothing else (once, an ExceptionGroup
+    escaped from the client when the failure met the client's own shutdown)."""
+    trustme = pytest.importorskip("trustme")
+    ca, other = trustme.CA(), trustme.CA()
+    server_pem, ca_pem = tmp_path / "server.pem", tmp_path / "ca.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    foreign = other.issue_cert("intruder@example")
+    foreign_pem = tmp_path / "foreign.pem"
+    foreign.private_key_and_cert_chain_pem.write_to_path(str(foreign_pem))
+    settings = make_settings(database_url, tls_cert_file=str(server_pem),
+                             tls_key_file=str(server_pem), tls_client_ca_file=str(ca_pem))
+    info: ServerInfo = await nursery.start(serve, settings)
+    contexts = [es.tls_context(cafile=str(ca_pem)),
+                es.tls_context(cafile=str(ca_pem), certfile=str(foreign_pem),
+                               keyfile=str(foreign_pem))]
+    for attempt in range(6):
+        with trio.fail_after(20):
+            async with connect(info.port, tls=contexts[attempt % 2]) as client:
+                with pytest.raises(Unavailable):
+                    await client.append_events(sid(), STREAM_TYPE, evs(1))
+    trusted = ca.issue_cert("client@example", common_name="client")
+    trusted_pem = tmp_path / "client.pem"
+    trusted.private_key_and_cert_chain_pem.write_to_path(str(trusted_pem))
+    async with connect(info.port, tls=es.tls_context(cafile=str(ca_pem),
+                                                     certfile=str(trusted_pem),
+                                                     keyfile=str(trusted_pem))) as client:
+        await client.append_events(sid(), STREAM_TYPE, evs(1))
+
+
 async def test_unreachable_and_timeout(nursery: trio.Nursery) -> None:
     port = free_port()
     async with connect(port) as client:
