@@ -109,7 +109,8 @@ def main() -> int:
     args = parser.parse_args()
     quick = not args.full
     with tempfile.TemporaryDirectory(prefix="es-bench-") as tmp:
-        pg = EmbeddedPostgres(Path(tmp) / "pgdata", extra_conf={"max_connections": "200"})
+        pg = EmbeddedPostgres(Path(tmp) / "pgdata", extra_conf={"max_connections": "200",
+                                                                "track_commit_timestamp": "on"})
         try:
             url = pg.url("bench")
             with psycopg.connect(url, autocommit=True) as conn:
