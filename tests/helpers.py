@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Sequence
 from typing import Any
+
+import grpc
+import trio
 
 from eventstore.v1 import eventstore_pb2 as pb
 
@@ -71,3 +77,31 @@ async def read_all(api: Any, after: int = 0, page: int = 1000,
 
 def sid() -> str:
     return str(uuid.uuid4())
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes, str]:
+    """GET http://127.0.0.1:port/path: status, body, content type."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read(), reply.headers.get("content-type", "")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers.get("content-type", "")
+
+
+async def get(port: int, path: str) -> tuple[int, bytes, str]:
+    return await trio.to_thread.run_sync(http_get, port, path)
+
+
+def health_check(port: int, service: str = "",
+                 metadata: Sequence[tuple[str, str]] = ()) -> int:
+    """grpc.health.v1.Health/Check through grpcio (no generated stub: the messages are one
+    field each), without credentials unless given; HealthCheckResponse.status (1 = SERVING,
+    0 = UNKNOWN)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                    request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+        name = service.encode()
+        reply: bytes = check((b"\x0a" + bytes([len(name)]) + name) if name else b"",
+                             metadata=tuple(metadata) or None, timeout=10)
+    return reply[1] if reply else 0

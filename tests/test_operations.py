@@ -3,8 +3,6 @@ readiness through a database outage."""
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 import uuid
 from typing import Any
 
@@ -17,31 +15,7 @@ from eventstore.client import EventStoreClient, NewEvent, Unavailable
 from eventstore.embedded import EmbeddedPostgres
 from eventstore.server import ServerInfo, serve
 from tests.conftest import make_settings
-
-
-def http_get(port: int, path: str) -> tuple[int, bytes, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
-            return reply.status, reply.read(), reply.headers.get("content-type", "")
-    except urllib.error.HTTPError as err:
-        return err.code, err.read(), err.headers.get("content-type", "")
-
-
-async def get(port: int, path: str) -> tuple[int, bytes, str]:
-    return await trio.to_thread.run_sync(http_get, port, path)
-
-
-def health_check(port: int, service: str = "") -> int:
-    """grpc.health.v1.Health/Check through grpcio (no generated stub: the messages are one
-    field each)."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        check = channel.unary_unary("/grpc.health.v1.Health/Check",
-                                    request_serializer=lambda b: b,
-                                    response_deserializer=lambda b: b)
-        name = service.encode()
-        reply: bytes = check((b"\x0a" + bytes([len(name)]) + name) if name else b"",
-                             timeout=10)
-    return reply[1] if reply else 0  # HealthCheckResponse.status (0 = UNKNOWN)
+from tests.helpers import get, health_check
 
 
 def metric(text: str, name: str, **labels: str) -> float:
