@@ -80,6 +80,10 @@ class Authenticator:
             # At start-up a bad file stops the server (KeyFileError names it).
             self._stamp = _stamp(keys_path)
             self._keys = _index(keyfile.load(keys_path))
+            if self._stamp is None:
+                log.warning("API_KEYS_FILE does not exist (yet): every call is refused until "
+                            "keys are created with `eventstore keys create`",
+                            extra={"path": keys_path})
 
     @property
     def mode(self) -> Mode:
