@@ -1146,11 +1146,17 @@ async def test_subscribing_from_positions_around_the_windows_edge(server: Server
     stream_id = str(uuid.uuid4())
     acks = Acks()
     with trio.fail_after(40):
-        async with PurerpcClient.connect(server.port) as client:
-            for _ in range(WINDOW_EVENTS + 36):  # one event each: positions = versions
-                await append(client, acks, stream_id, "Order", ["Order.Created"])
-        await wait_until(lambda: feed.window is not None and feed.window.end >= acks.head, 5,
-                         "the feed read every commit")
+        async with trio.open_nursery() as follower:
+            # The feed fills the window only while someone follows the head.
+            follower.start_soon(collect, "purerpc", server.port, "SubscribeToAll",
+                                pb.SubscribeAllRequest(), lambda sub: False)
+            await wait_until(lambda: feed.subscribers == 1, 5, "the follower subscribed")
+            async with PurerpcClient.connect(server.port) as client:
+                for _ in range(WINDOW_EVENTS + 36):  # one event each: positions = versions
+                    await append(client, acks, stream_id, "Order", ["Order.Created"])
+            await wait_until(lambda: feed.window is not None and feed.window.end >= acks.head,
+                             5, "the feed read every commit")
+            follower.cancel_scope.cancel()
         start, head = feed.window.start, acks.head
         assert 0 < start < head, "the window evicted nothing: the test tests nothing"
         truth = await everything(server.port)

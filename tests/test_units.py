@@ -196,6 +196,18 @@ def test_window_byte_limit() -> None:
     assert len(window) == 3 and window.size_bytes == 90 and window.start == 2
 
 
+def test_window_skip_covers_nothing_before_it() -> None:
+    window = Window(0, max_events=1000, max_bytes=10**6)
+    window.extend([live_event(p) for p in range(1, 11)], 10)
+    window.skip_to(25)
+    assert (window.start, window.end, len(window), window.size_bytes) == (25, 25, 0, 0)
+    assert not window.covers(24) and window.covers(25)
+    window.extend([live_event(26)], 26)
+    assert window.since(25, 10) == ([live_event(26)], 26)
+    with pytest.raises(ValueError, match="backwards"):
+        window.skip_to(20)
+
+
 def test_framing_round_trips_through_protobuf() -> None:
     from eventstore.v1 import eventstore_pb2 as pb
 

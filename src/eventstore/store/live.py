@@ -101,6 +101,16 @@ class Window:
             del self._positions[:self._first]
             self._first = 0
 
+    def skip_to(self, new_end: int) -> None:
+        """Forget every event and cover nothing up to `new_end`: (new_end, new_end]."""
+        if new_end < self.end:
+            raise ValueError("the window cannot move backwards")
+        self._events.clear()
+        self._positions.clear()
+        self._first = 0
+        self._bytes = 0
+        self.start = self.end = new_end
+
     def since(self, after: int, limit: int) -> tuple[list[LiveEvent], int]:
         """Up to `limit` events after `after` (which `covers`), and the position they reach:
         `end` when they are all of them, else the last one's position."""

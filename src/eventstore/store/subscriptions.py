@@ -111,6 +111,15 @@ class LiveFeed:
     async def _read_new(self) -> None:
         window = self.window
         assert window is not None
+        known = self._committed_up_to
+        if self._subscribers == 0 and known > window.end:
+            # Nobody follows the head: move the window past what is known to be committed
+            # instead of reading it. A subscription that starts later and finds itself before
+            # the window catches up from the database, as one that fell behind does.
+            window.skip_to(known)
+            self._grew.set()
+            self._grew = trio.Event()
+            return
         everything = Selector()
         while True:
             known = self._committed_up_to
@@ -253,9 +262,20 @@ async def listen_for_commits(url: str, feed: LiveFeed,
             conn.execute(f"LISTEN {COMMIT_CHANNEL}")
             state["conn"] = conn
         try:
-            # stop_after=1: wake the feed on the first notification, not after the timeout.
+            # Return on the first notification from another process's writer, or after about
+            # a second without one (so cancellation is noticed). This process's own writer
+            # notifies once per commit: those are skipped here, in the thread, rather than
+            # costing the event loop a round trip each.
+            deadline = time.monotonic() + 1.0
             own = own_writer_pid()
-            return sum(1 for n in conn.notifies(timeout=0.5, stop_after=1) if n.pid != own)
+            while not state["stopping"]:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return 0
+                for n in conn.notifies(timeout=min(remaining, 0.5), stop_after=1):
+                    if n.pid != own:
+                        return 1
+            return 0
         finally:
             state["waiting"] = False
             if state["stopping"]:
