@@ -218,6 +218,51 @@ def test_encode_copy_is_accepted_and_read_back_equal(pg_cluster: PgCluster) -> N
         check()
 
 
+def test_small_batch_insert_stores_what_copy_stores(pg_cluster: PgCluster) -> None:
+    """The writer inserts small batches with one INSERT from arrays bound client-side (in the
+    COMMIT's round trip) and larger ones by binary COPY: both must store the same rows, byte
+    for byte, whatever the text (quotes, backslashes, "NULL", any Unicode)."""
+    from eventstore.store.writer import _INSERT_EVENTS, _exec, _insert_parameters
+
+    with scratch_table(pg_cluster) as conn:
+        conn.execute("CREATE TEMP TABLE tmp2 (LIKE events)")
+        insert = _INSERT_EVENTS.replace("INSERT INTO events ", "INSERT INTO tmp2 ")
+        text_columns = COLUMNS.replace("data,", "data::text,").replace(
+            "metadata,", "metadata::text,")
+        tricky = st.sampled_from(["NULL", "null", '"', "\\", "'", "{}", "\\u0000x", "a,b"])
+
+        @SETTINGS
+        @given(
+            batch=batches(),
+            data=st.lists(json_values | tricky, min_size=20, max_size=20),
+            version_seeds=st.lists(st.integers(1, 2**40), min_size=4, max_size=4),
+            first_position=st.integers(1, 2**62),
+            created_at=created_ats,
+        )
+        def check(batch: list[RequestSpec], data: list[Any], version_seeds: list[int],
+                  first_position: int, created_at: int) -> None:
+            # Any JSON value as data (batches() draws objects): null, strings, arrays.
+            values = iter(data)
+            batch = [RequestSpec(spec.stream_id, spec.stream_type, tuple(
+                EventSpec(e.event_id, e.event_type, json_bytes(next(values), 0), e.metadata)
+                for e in spec.events)) for spec in batch]
+            parsed = [codec.AppendRequest.parse(spec.message().SerializeToString(), 10_000,
+                                                1024 * 1024) for spec in batch]
+            firsts = version_seeds[: len(batch)]
+            conn.execute("TRUNCATE tmp, tmp2")
+            with conn.cursor() as cur, cur.copy(
+                f"COPY tmp ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.write(codec.encode_copy(parsed, firsts, first_position, created_at))
+            _exec(conn, insert, _insert_parameters(list(zip(parsed, firsts, strict=True)),
+                                                   first_position, to_datetime(created_at)))
+            by_copy = conn.execute(f"SELECT {text_columns} FROM tmp ORDER BY position")
+            by_insert = conn.execute(f"SELECT {text_columns} FROM tmp2 ORDER BY position")
+            assert by_insert.fetchall() == by_copy.fetchall()
+
+        check()
+
+
 # -- encode_events --------------------------------------------------------------------------
 
 

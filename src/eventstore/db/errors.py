@@ -7,6 +7,7 @@ import logging
 
 import psycopg
 from psycopg import errors as pgerr
+from psycopg import pq
 
 from eventstore.errors import (
     AlreadyExists,
@@ -21,6 +22,16 @@ log = logging.getLogger(__name__)
 # SQLSTATE class 22 (data exception) means the request carried a value PostgreSQL refuses,
 # for example JSON that our validation let through but jsonb does not accept.
 _DATA_EXCEPTION_CLASS = "22"
+
+
+def result_error(conn: psycopg.Connection[object], result: pq.abc.PGresult | None,
+                 ) -> psycopg.Error:
+    """The psycopg exception for a failed low-level (libpq) result; a lost connection is
+    reported as OperationalError, as psycopg's own API does."""
+    if result is None or conn.pgconn.status == pq.ConnStatus.BAD:
+        message = conn.pgconn.error_message.decode(errors="replace").strip()
+        return psycopg.OperationalError(message or "the connection is lost")
+    return psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
 
 
 def is_connection_error(exc: BaseException) -> bool:

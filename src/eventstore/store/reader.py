@@ -26,7 +26,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from eventstore._es_codec import encode_event_list, encode_events
 from eventstore.config import Settings
 from eventstore.db.connection import APPLICATION_NAME
-from eventstore.db.errors import is_connection_error, to_domain
+from eventstore.db.errors import is_connection_error, result_error, to_domain
 from eventstore.store.live import LiveEvent, Selector
 from eventstore.store.snapshots import latest_snapshot, snapshot_message
 from eventstore.store.validation import (
@@ -61,15 +61,6 @@ class BatchPage:
     last_version: int
     reached: int
     more: bool
-
-
-def _result_error(conn: Conn, result: pq.abc.PGresult) -> psycopg.Error:
-    """The psycopg exception for a failed low-level result (a lost connection is reported as
-    OperationalError, as psycopg's own API does)."""
-    if conn.pgconn.status == pq.ConnStatus.BAD:
-        message = conn.pgconn.error_message.decode(errors="replace").strip()
-        return psycopg.OperationalError(message or "the connection is lost")
-    return psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
 
 
 class Reader:
@@ -225,7 +216,7 @@ class Reader:
         pgconn = conn.pgconn
         result = pgconn.exec_(text.encode())
         if result.status != pq.ExecStatus.COPY_OUT:
-            raise _result_error(conn, result)
+            raise result_error(conn, result)
         chunks = []
         get = pgconn.get_copy_data
         while True:
@@ -239,7 +230,7 @@ class Reader:
         if final is None:
             raise psycopg.OperationalError("COPY ended without a result")
         if size == -2 or final.status != pq.ExecStatus.COMMAND_OK:
-            raise _result_error(conn, final)
+            raise result_error(conn, final)
         return b"".join(chunks)
 
     def _select_after(self, conn: Conn, selector: Selector, after: int, limit: int,
