@@ -117,6 +117,11 @@ def render(results: dict[str, Any], baseline: dict[str, Any] | None = None) -> s
         out.append(f"  no-op purerpc server: unary, 64 clients "
                    f"{_num(results['noop_unary_calls_per_s'])} calls/s; streaming "
                    f"{_num(results.get('noop_streaming_messages_per_s'))} messages/s")
+    single = results.get("noop_unary_clients1")
+    if isinstance(single, dict):
+        out.append(f"  no-op purerpc server, 1 sequential client: p50 "
+                   f"{_num(single.get('p50_ms'), 2)} ms, p99 {_num(single.get('p99_ms'), 2)} ms"
+                   f" (the transport's latency floor)")
 
     # Live delivery.
     live = results.get("latency", [])

@@ -1,0 +1,41 @@
+"""The benchmark gate (`benches/compare.py`): exit 0 when every gated ratio holds within the
+tolerance, 1 when one regressed beyond it or is missing, whatever the absolute rates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMPARE = Path(__file__).resolve().parents[1] / "benches" / "compare.py"
+BASELINE = {"tolerance": 0.5, "ratios": {"a_vs_b": 0.6, "c_vs_d": 0.3}}
+
+
+def gate(tmp_path: Path, ratios: dict[str, float], *extra: str) -> tuple[int, str]:
+    result, baseline = tmp_path / "result.json", tmp_path / "baseline.json"
+    result.write_text(json.dumps({"ratios": ratios, "appends": {"ignored": 1e9}}))
+    baseline.write_text(json.dumps(BASELINE))
+    done = subprocess.run([sys.executable, str(COMPARE), str(result), str(baseline), *extra],
+                          capture_output=True, text=True, timeout=60, check=False)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("ratios", "code"), [
+    ({"a_vs_b": 0.6, "c_vs_d": 0.3}, 0),
+    ({"a_vs_b": 0.31, "c_vs_d": 0.9, "ungated_vs_x": 0.01}, 0),  # within 50%; ungated ignored
+    ({"a_vs_b": 0.29, "c_vs_d": 0.3}, 1),  # more than 50% below
+    ({"a_vs_b": 0.6}, 1),  # a gated figure is missing
+])
+def test_gate_exit_codes(tmp_path: Path, ratios: dict[str, float], code: int) -> None:
+    returncode, output = gate(tmp_path, ratios)
+    assert returncode == code, output
+    if code:
+        assert "a_vs_b" in output or "c_vs_d" in output
+
+
+def test_tolerance_override(tmp_path: Path) -> None:
+    assert gate(tmp_path, {"a_vs_b": 0.5, "c_vs_d": 0.3}, "--tolerance", "0.1")[0] == 1
+    assert gate(tmp_path, {"a_vs_b": 0.55, "c_vs_d": 0.3}, "--tolerance", "0.1")[0] == 0
