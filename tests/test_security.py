@@ -20,6 +20,7 @@ import socket
 import ssl
 import stat
 import sys
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ import trio
 import trustme
 from cryptography import x509
 
+from eventstore.auth.authenticator import Authenticator
 from eventstore.auth.keyfile import allow_certificate, create_key, list_keys, revoke_key
+from eventstore.errors import Unauthenticated
 from eventstore.server import ServerInfo, serve
 from eventstore.v1 import eventstore_pb2 as pb
 from tests.clients import RpcError
@@ -750,6 +753,10 @@ async def test_caller_is_recorded_in_metadata_and_audit_log(
         assert getattr(r, "caller", None) == "vocabulary"
         assert getattr(r, "caller_key_id", None) == key_id
         assert str(getattr(r, "peer", "")).startswith("127.0.0.1")
+    # The call with a bad key is in the audit log too, with where it came from.
+    refused = [r for r in audit if getattr(r, "outcome", None) == "Unauthenticated"]
+    assert [getattr(r, "operation", None) for r in refused] == ["GetEvents"]
+    assert str(getattr(refused[0], "peer", "")).startswith("127.0.0.1")
     assert caplog.records
     for r in caplog.records:
         assert key not in r.getMessage()
@@ -1137,3 +1144,40 @@ async def test_ready_reports_authentication_and_health_needs_no_key(
     assert await trio.to_thread.run_sync(health_check, keyed.port) == 1  # SERVING
     assert await trio.to_thread.run_sync(health_check, keyed.port,
                                          "eventstore.v1.EventStoreService") == 1
+
+
+def test_a_certificate_with_an_empty_subject_identifies_nobody(tmp_path: Path) -> None:
+    """A CA may sign a certificate whose names are all in the SAN: with client certificates
+    required, such a caller is refused rather than let in unnamed."""
+    open_mtls = Authenticator(None, client_certificates=True)
+    with pytest.raises(Unauthenticated, match="empty subject"):
+        open_mtls.authenticate((), {"subject": (), "subjectAltName": (("DNS", "x"),)})
+    named = open_mtls.authenticate((), {"subject": ((("commonName", "progress"),),)})
+    assert (named.name, named.subject) == ("progress", "CN=progress")
+    keyed = Authenticator(str(tmp_path / "keys.json"), client_certificates=True)
+    with pytest.raises(Unauthenticated):
+        keyed.authenticate((), {"subject": ()})
+
+
+def test_concurrent_key_commands_do_not_undo_each_other(tmp_path: Path) -> None:
+    """Each `eventstore keys` command edits the file under a lock: a revocation racing a
+    creation must not be lost (that would bring a key back)."""
+    keys = tmp_path / "keys.json"
+    old_ids = [create_key(keys, f"svc{i}")[0] for i in range(10)]
+
+    def creator() -> None:
+        for i in range(10):
+            create_key(keys, f"new{i}")
+
+    def revoker() -> None:
+        for key_id in old_ids:
+            assert revoke_key(keys, key_id)
+
+    threads = [threading.Thread(target=creator), threading.Thread(target=revoker)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    entries = list_keys(keys)
+    assert len(entries) == 20
+    assert all(e.revoked_at is not None for e in entries if e.id in old_ids)

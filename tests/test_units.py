@@ -84,8 +84,12 @@ def test_classify_stored() -> None:
     assert isinstance(classify_stored(ids, "s", "T", {"a": stored("a", 3, 10)}), Reused)
     assert isinstance(classify_stored(
         ids, "s", "T", {"a": stored("a", 3, 10), "b": stored("b", 5, 11)}), Reused)
-    assert isinstance(classify_stored(
-        ids, "s", "T", {"a": stored("a", 3, 10), "b": stored("b", 4, 11, stream="t")}), Reused)
+    elsewhere = classify_stored(
+        ids, "s", "T", {"a": stored("a", 3, 10), "b": stored("b", 4, 11, stream="t")})
+    assert isinstance(elsewhere, Reused)
+    # Not which stream: the caller may not be allowed to read it.
+    assert elsewhere.message == "event id b is already stored in another stream"
+
     assert isinstance(classify_stored(
         ids, "s", "T", {"a": stored("a", 4, 11), "b": stored("b", 3, 10)}), Reused)
 

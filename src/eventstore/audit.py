@@ -37,3 +37,10 @@ def append_fields(reply: bytes) -> dict[str, object]:
             "last_version": response.next_expected_version,
             "first_position": response.first_position,
             "last_position": response.last_position, "event_count": count}
+
+
+def refused(method: str, peer: str, reason: str) -> None:
+    """The audit line of a call refused for want of valid credentials (nothing was read)."""
+    audit_log.info("audit %s Unauthenticated", method, extra={
+        "audit": True, "operation": method, "outcome": "Unauthenticated",
+        "caller": "unauthenticated", "peer": peer, "reason": reason})

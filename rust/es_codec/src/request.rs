@@ -200,7 +200,9 @@ impl AppendRequest {
 
         let mut buf = raw.to_vec();
         if let Some(caller) = caller {
-            payload_bytes += record_caller(&mut buf, raw.len(), &mut events, caller);
+            let (old, new) = record_caller(&mut buf, raw.len(), &mut events, caller);
+            // `old` is part of `payload_bytes` (metadata lengths were summed above).
+            payload_bytes = payload_bytes - old + new;
         }
 
         Ok(AppendRequest {
@@ -420,28 +422,29 @@ fn check_json(raw: &[u8], events: &[StoredEvent]) -> Result<(), RequestError> {
 }
 
 /// Gives every event of `events` (decoded from `buf[..raw_len]`) new metadata, appended to
-/// `buf`, that records `caller`; returns how many bytes that added to the payload.
+/// `buf`, that records `caller`; returns the metadata bytes before and after.
 fn record_caller(
     buf: &mut Vec<u8>,
     raw_len: usize,
     events: &mut [StoredEvent],
     caller: &[u8],
-) -> usize {
-    let mut added = 0;
+) -> (usize, usize) {
+    let (mut old_total, mut new_total) = (0, 0);
     for ev in events {
         let start = buf.len();
         let old = ev.fields.metadata;
         let mut doc = Vec::new();
         let metadata = (!old.is_empty()).then(|| old.get(&buf[..raw_len]));
         with_caller(metadata, caller, &mut doc);
-        added += doc.len() - old.len();
+        old_total += old.len();
+        new_total += doc.len();
         buf.extend_from_slice(&doc);
         ev.fields.metadata = Span {
             start,
             end: buf.len(),
         };
     }
-    added
+    (old_total, new_total)
 }
 
 /// Appends to `out` the metadata object `metadata` (a validated JSON object, or none) with

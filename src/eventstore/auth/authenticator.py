@@ -1,8 +1,8 @@
 """Authentication: from a call's metadata and its TLS client certificate to a `Principal`.
 
-The keys file is re-read when it changes (modification time, size or inode), checked every
-`API_KEYS_RELOAD_MS` in a worker thread; a file that has become unreadable or invalid is
-refused and the keys in force stay in force, so a broken edit never opens the server.
+The keys file is read every `API_KEYS_RELOAD_MS` in a worker thread and reloaded when its
+content changed; a file that has disappeared, become unreadable or invalid is refused and the
+keys in force stay in force, so a broken edit never opens the server.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,12 +57,13 @@ def _index(keys: keyfile.KeysFile) -> _Keys:
     return _Keys(by_id, by_subject)
 
 
-def _stamp(path: str) -> tuple[int, int, int] | None:
+def _read(path: str) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
     try:
-        st = os.stat(path)
-    except OSError:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
         return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class Authenticator:
@@ -75,15 +75,23 @@ class Authenticator:
         self._client_certificates = client_certificates
         self._reload_seconds = reload_seconds
         self._keys = _Keys({}, {})
-        self._stamp: tuple[int, int, int] | None = None
+        # What the file held when last read (None: missing): a reload compares contents, so
+        # no edit is missed however quickly it follows another, and a file replaced by a
+        # rename is never seen half-written.
+        self._content: bytes | None = None
         if keys_path is not None:
             # At start-up a bad file stops the server (KeyFileError names it).
-            self._stamp = _stamp(keys_path)
-            self._keys = _index(keyfile.load(keys_path))
-            if self._stamp is None:
+            try:
+                self._content = _read(keys_path)
+            except OSError as exc:
+                raise keyfile.KeyFileError(
+                    f"{keys_path}: cannot read the keys file: {exc.strerror}") from None
+            if self._content is None:
                 log.warning("API_KEYS_FILE does not exist (yet): every call is refused until "
                             "keys are created with `eventstore keys create`",
                             extra={"path": keys_path})
+            else:
+                self._keys = _index(keyfile.parse(self._content, keys_path))
 
     @property
     def mode(self) -> Mode:
@@ -96,19 +104,26 @@ class Authenticator:
         return len(self._keys.by_id)
 
     def reload_if_changed(self) -> bool:
-        """Re-read the keys file if it changed; True when new keys took effect. Blocking."""
+        """Re-read the keys file if it changed; True when new keys took effect. Blocking.
+        A file that disappeared, cannot be read or is not valid leaves the keys in force."""
         if self._path is None:
             return False
-        stamp = _stamp(self._path)
-        if stamp == self._stamp:
+        try:
+            content = _read(self._path)
+        except OSError as exc:
+            content = None
+            problem = exc.strerror
+        else:
+            problem = "it has disappeared"
+        if content == self._content:
             return False
-        self._stamp = stamp
-        if stamp is None:
-            log.error("the API keys file has disappeared; the keys loaded before stay in force",
-                      extra={"path": self._path})
+        self._content = content
+        if content is None:
+            log.error("the API keys file cannot be read (%s); the keys loaded before stay in "
+                      "force", problem, extra={"path": self._path})
             return False
         try:
-            keys = _index(keyfile.load(self._path))
+            keys = _index(keyfile.parse(content, self._path))
         except (keyfile.KeyFileError, ValueError) as exc:
             log.error("the API keys file is not valid; the keys loaded before stay in force: %s",
                       exc, extra={"path": self._path})
@@ -134,6 +149,10 @@ class Authenticator:
         subject = None
         if peer_certificate and peer_certificate.get("subject"):
             subject = peer_certificate["subject"]
+        if self._client_certificates and peer_certificate is not None and subject is None:
+            # A CA may sign a certificate with an empty subject (its names in the SAN only):
+            # it would identify nobody.
+            raise Unauthenticated("the client certificate has an empty subject")
         if self._path is None:
             if subject is None:
                 return ANONYMOUS

@@ -2,7 +2,7 @@
 `eventstore keys …` (create, list, revoke, allow a certificate subject).
 
 Only SHA-256 hashes of keys are stored. A key is `es_<id>_<secret>`: the 16-hex-digit id is
-public (it names the key in lists, logs and event metadata); the secret is 32 random bytes in
+public (it names the key in lists and audit lines); the secret is 32 random bytes in
 base64url. Random keys of that length need no slow password hash. Writes replace the file
 atomically (a temporary file, then rename) with mode 0600, so the server, which re-reads it when
 it changes, never sees half a file.
@@ -10,13 +10,15 @@ it changes, never sees half a file.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import secrets
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
@@ -133,6 +135,24 @@ def save(path: str | os.PathLike[str], keys: KeysFile) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # The rename itself survives a crash only once the directory is on disk.
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+@contextmanager
+def _editing(path: str | os.PathLike[str]) -> Iterator[KeysFile]:
+    """The file's keys, to change and save while holding an exclusive lock (a sidecar
+    `.lock` file), so that two `eventstore keys` commands at once cannot undo each other —
+    a revocation lost to a concurrent create would bring a key back."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        yield load(path)
 
 
 def create_key(path: str | os.PathLike[str], name: str, *, read: Iterable[str] = (),
@@ -143,25 +163,25 @@ def create_key(path: str | os.PathLike[str], name: str, *, read: Iterable[str] =
         raise KeyFileError("the key's name (the calling service) must not be empty")
     read, write = list(read), list(write)
     _check_patterns("the new key", [*read, *write])
-    keys = load(path)
-    key_id = secrets.token_hex(8)
-    while any(entry.id == key_id for entry in keys.keys):
+    with _editing(path) as keys:
         key_id = secrets.token_hex(8)
-    text = f"es_{key_id}_{secrets.token_urlsafe(32)}"
-    keys.keys.append(KeyEntry(id=key_id, name=name, hash=hash_key(text), read=read,
-                              write=write, admin=admin, created_at=_now()))
-    save(path, keys)
+        while any(entry.id == key_id for entry in keys.keys):
+            key_id = secrets.token_hex(8)
+        text = f"es_{key_id}_{secrets.token_urlsafe(32)}"
+        keys.keys.append(KeyEntry(id=key_id, name=name, hash=hash_key(text), read=read,
+                                  write=write, admin=admin, created_at=_now()))
+        save(path, keys)
     return key_id, text
 
 
 def revoke_key(path: str | os.PathLike[str], key_id: str) -> bool:
     """Mark the key revoked; False when no such (unrevoked) key exists."""
-    keys = load(path)
-    for i, entry in enumerate(keys.keys):
-        if entry.id == key_id and entry.revoked_at is None:
-            keys.keys[i] = msgspec.structs.replace(entry, revoked_at=_now())
-            save(path, keys)
-            return True
+    with _editing(path) as keys:
+        for i, entry in enumerate(keys.keys):
+            if entry.id == key_id and entry.revoked_at is None:
+                keys.keys[i] = msgspec.structs.replace(entry, revoked_at=_now())
+                save(path, keys)
+                return True
     return False
 
 
@@ -178,8 +198,8 @@ def allow_certificate(path: str | os.PathLike[str], subject: str, name: str, *,
         raise KeyFileError("subject and name must not be empty")
     read, write = list(read), list(write)
     _check_patterns(f"certificate {subject!r}", [*read, *write])
-    keys = load(path)
-    keys.certificates = [c for c in keys.certificates if c.subject != subject]
-    keys.certificates.append(CertificateEntry(subject=subject, name=name, read=read,
-                                              write=write, admin=admin))
-    save(path, keys)
+    with _editing(path) as keys:
+        keys.certificates = [c for c in keys.certificates if c.subject != subject]
+        keys.certificates.append(CertificateEntry(subject=subject, name=name, read=read,
+                                                  write=write, admin=admin))
+        save(path, keys)

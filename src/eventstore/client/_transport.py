@@ -163,11 +163,11 @@ class Connection:
             # The connection failed just as the client's nursery was cancelled (a server that
             # refuses our certificate after a TLS 1.3 handshake ends the connection during the
             # first call): the failure only ends the connection; the cancellation goes on.
-            cancelled, failures = group.split(trio.Cancelled)
+            failures, rest = group.split(Exception)
             if failures is not None:
                 log.debug("connection to %s ended: %s", self.target, failures)
-            if cancelled is not None:
-                raise cancelled from None
+            if rest is not None:
+                raise rest from None
         finally:
             self.lost.set()
             self.closed.set()

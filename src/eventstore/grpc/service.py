@@ -151,14 +151,16 @@ class EventStoreService:
         return bytes(reply.SerializeToString())
 
     async def save_snapshot(self, raw: bytes, request: RequestReceived) -> bytes:
-        msg = decode(pb.SaveSnapshotRequest, raw)
-        stream_id = parse_uuid("stream_id", msg.stream_id)
-        stream_type = check_name("stream_type", msg.stream_type)
-        if msg.version < 1:
-            raise InvalidArgument(f"version: must be at least 1, got {msg.version}")
-        check_snapshot_data(msg.data, self._settings.max_snapshot_bytes)
         started = time.perf_counter()
+        msg = pb.SaveSnapshotRequest()
+        stream_id = stream_type = None
         try:
+            msg = decode(pb.SaveSnapshotRequest, raw)
+            stream_id = parse_uuid("stream_id", msg.stream_id)
+            stream_type = check_name("stream_type", msg.stream_type)
+            if msg.version < 1:
+                raise InvalidArgument(f"version: must be at least 1, got {msg.version}")
+            check_snapshot_data(msg.data, self._settings.max_snapshot_bytes)
             caller(request).check_write(stream_type)
             saved = await self._snapshots.save(stream_id, stream_type, msg.version, msg.data)
         except EventStoreError as error:

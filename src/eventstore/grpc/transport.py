@@ -78,9 +78,12 @@ class GrpcServer:
 
     def __init__(self, methods: dict[str, Method], *, max_request_bytes: int,
                  observe: Callable[[str, str, float], None] | None = None,
-                 authenticate: Authenticate | None = None) -> None:
+                 authenticate: Authenticate | None = None,
+                 refused: Callable[[str, str, str], None] | None = None) -> None:
         self._methods = methods
         self._authenticate = authenticate
+        # Told (method, peer, reason) of every call refused as unauthenticated (the audit log).
+        self._refused = refused
         self._observe = observe
         self._max_request_bytes = max_request_bytes
         self._config = GRPCConfiguration(client_side=False,
@@ -149,7 +152,13 @@ class GrpcServer:
         try:
             if self._authenticate is not None and not method.public:
                 # Before the request is read: an unknown caller learns nothing about it.
-                event.principal = self._authenticate(event.custom_metadata, certificate)
+                try:
+                    event.principal = self._authenticate(event.custom_metadata, certificate)
+                except EventStoreError as refusal:
+                    if self._refused is not None:
+                        self._refused(event.method_name, str(getattr(event, "peer", "")),
+                                      refusal.message)
+                    raise
             raw = await stream.receive_message()
             if raw is None:
                 raise _BadRequest("the request has no message")

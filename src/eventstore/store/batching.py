@@ -93,10 +93,8 @@ def classify_stored(event_ids: Sequence[str], stream_id: str, stream_type: str,
     first = found[0]
     for offset, hit in enumerate(found):
         if hit.stream_id != stream_id or hit.stream_type != stream_type:
-            return Reused(
-                f"event id {hit.event_id} is already stored in another stream "
-                f"({hit.stream_type} {hit.stream_id})"
-            )
+            # Which stream is not said: the caller may not be allowed to read it.
+            return Reused(f"event id {hit.event_id} is already stored in another stream")
         if hit.version != first.version + offset or hit.position != first.position + offset:
             return Reused(
                 f"event id {hit.event_id} is already stored, but not in the order of this request"

@@ -619,6 +619,17 @@ fn records_the_caller_in_metadata() {
 }
 
 #[test]
+fn counts_recorded_metadata_in_the_payload_even_when_it_shrinks() {
+    // Leading blanks longer than what the caller adds: the metadata gets shorter.
+    let meta = format!("{}{{}}", " ".repeat(200));
+    let r = req(vec![ev("", "created", "{}", &meta)]);
+    let parsed = AppendRequest::parse_with_caller(&r.encode(), LIMITS, Some(CALLER))
+        .unwrap_or_else(|e| panic!("rejected: {e}"));
+    let doc = parsed.event(0).and_then(|e| e.metadata).expect("metadata");
+    assert_eq!(parsed.payload_bytes(), 2 + doc.len());
+}
+
+#[test]
 fn leaves_metadata_alone_without_a_caller() {
     let r = req(vec![
         ev("", "created", "{}", r#"{"a":1}"#),
