@@ -263,6 +263,43 @@ def test_small_batch_insert_stores_what_copy_stores(pg_cluster: PgCluster) -> No
         check()
 
 
+def test_committed_rows_read_back_equal_copy_output(pg_cluster: PgCluster) -> None:
+    """The writer reads its small commits back for the live feed with one SELECT that builds
+    binary COPY tuples (`_ROWS`); subscribers must get the very bytes a reader gets from
+    COPY TO STDOUT, or live and catch-up deliveries of one event would differ."""
+    from eventstore.store.writer import _ROWS, COPY_HEADER, COPY_TRAILER, _exec_all
+
+    with scratch_table(pg_cluster) as conn:
+        rows_query = _ROWS.replace("FROM events ", "FROM tmp ")
+
+        @SETTINGS
+        @given(batch=batches(), first_position=st.integers(1, 2**62), created_at=created_ats)
+        def check(batch: list[RequestSpec], first_position: int, created_at: int) -> None:
+            parsed = [codec.AppendRequest.parse(spec.message().SerializeToString(), 10_000,
+                                                1024 * 1024) for spec in batch]
+            conn.execute("TRUNCATE tmp")
+            with conn.cursor() as cur, cur.copy(
+                f"COPY tmp ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.write(codec.encode_copy(parsed, [1] * len(parsed), first_position,
+                                             created_at))
+            count = sum(p.event_count for p in parsed)
+            with conn.cursor() as cur, cur.copy(
+                f"COPY (SELECT {COLUMNS} FROM tmp ORDER BY position) TO STDOUT (FORMAT BINARY)"
+            ) as copy:
+                expected = b"".join(bytes(chunk) for chunk in copy)
+            # Only the rows asked for: one past each end is left out.
+            conn.execute("INSERT INTO tmp SELECT * FROM tmp WHERE position = %s", (first_position,))
+            conn.execute("UPDATE tmp SET position = %s, event_id = gen_random_uuid()"
+                         " WHERE ctid = (SELECT max(ctid) FROM tmp)", (first_position + count,))
+            (result,) = _exec_all(conn, rows_query, (first_position, first_position + count - 1))
+            body = result.get_value(0, 0)  # text: \x and hex digits
+            assert body is not None and body.startswith(b"\\x")
+            assert COPY_HEADER + bytes.fromhex(body[2:].decode()) + COPY_TRAILER == expected
+
+        check()
+
+
 # -- encode_events --------------------------------------------------------------------------
 
 

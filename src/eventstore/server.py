@@ -9,6 +9,7 @@ from pathlib import Path
 
 import trio
 
+from eventstore import audit
 from eventstore.auth.authenticator import Authenticator
 from eventstore.auth.tls import server_context
 from eventstore.config import Settings
@@ -93,12 +94,14 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
         feed = LiveFeed(reader, settings)
         health = Health(url, settings.health_check_interval_ms / 1000)
 
-        def committed(first: int, last: int, count: int) -> None:
-            feed.wake(committed_up_to=last)
+        def committed(first: int, last: int, count: int, rows: bytes | None) -> None:
+            feed.committed(first, last, rows)
             metrics.events_appended.inc(count)
             metrics.batch_events.observe(count)
 
         writer.add_listener(committed)
+        # While someone subscribes, the writer reads its small commits back for the feed.
+        writer.rows_wanted = lambda: feed.subscribers > 0
         service = EventStoreService(settings, writer, reader, feed, snapshots)
         grpc_server = GrpcServer(
             {**service.methods(), **health.methods()},
@@ -106,6 +109,7 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
             observe=lambda method, code, seconds: metrics.grpc_seconds.labels(
                 method, code).observe(seconds),
             authenticate=authenticator.authenticate,
+            refused=audit.refused,
         )
 
         async def refresh_gauges() -> None:

@@ -214,7 +214,7 @@ class Reader:
         statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(query)
         text = psycopg.ClientCursor(conn).mogrify(statement, params)
         pgconn = conn.pgconn
-        result = pgconn.exec_(text.encode())
+        result = pgconn.exec_(text.encode(conn.info.encoding))
         if result.status != pq.ExecStatus.COPY_OUT:
             raise result_error(conn, result)
         chunks = []

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 import psycopg
 import trio
 
+from eventstore._es_codec import encode_event_list
 from eventstore.config import Settings
 from eventstore.db.connection import connect
 from eventstore.db.errors import is_connection_error
 from eventstore.errors import Unavailable
 from eventstore.store.live import (
+    LiveEvent,
     Selector,
     Window,
     batch_body_notification,
@@ -57,6 +59,9 @@ class LiveFeed:
         # A position up to which everything is known to be committed (this process's writer
         # says so after each commit): reading up to it needs no head query first.
         self._committed_up_to = 0
+        # Set when something may have been committed beyond that position (another process's
+        # NOTIFY, or the poll): the next read asks for the head.
+        self._head_unknown = False
         self._grew = trio.Event()
         self._closed = False
         self._subscribers = 0
@@ -74,13 +79,37 @@ class LiveFeed:
             return 0
         return max(0, window.end - min(self._positions.values()))
 
+    def committed(self, first: int, last: int, rows: bytes | None) -> None:
+        """This process's writer committed positions first..last; `rows` are those events as
+        binary COPY output when it read them back. Events that continue the window go into it
+        at once (no read); otherwise the feed reads what it misses."""
+        self._committed_up_to = max(self._committed_up_to, last)
+        window = self.window
+        if window is None or window.end >= last:
+            return
+        if rows is not None and window.end == first - 1 and self._subscribers:
+            try:
+                events = [LiveEvent(*row) for row in encode_event_list(rows)]
+            except ValueError:
+                log.exception("the writer's read-back could not be decoded; reading instead")
+                events = []
+            if len(events) == last - first + 1:
+                window.extend(events, last)
+                self._grew.set()
+                self._grew = trio.Event()
+                return
+        self._wake.set()
+
     def wake(self, committed_up_to: int = 0) -> None:
         """Something was committed: read it soon. Cheap; call it as often as you like.
 
         `committed_up_to`, when known, is a position up to which every event is committed and
         visible (positions are dense under the writer's lock, so after a commit that ended at
         P, nothing at or below P is still in flight)."""
-        self._committed_up_to = max(self._committed_up_to, committed_up_to)
+        if committed_up_to:
+            self._committed_up_to = max(self._committed_up_to, committed_up_to)
+        else:
+            self._head_unknown = True
         self._wake.set()
 
     def close(self) -> None:
@@ -99,8 +128,10 @@ class LiveFeed:
         task_status.started()
         poll = self._settings.live_poll_ms / 1000
         while True:
-            with trio.move_on_after(poll):
+            with trio.move_on_after(poll) as polled:
                 await self._wake.wait()
+            if polled.cancelled_caught:
+                self._head_unknown = True
             self._wake = trio.Event()
             try:
                 await self._read_new()
@@ -112,20 +143,28 @@ class LiveFeed:
         window = self.window
         assert window is not None
         known = self._committed_up_to
-        if self._subscribers == 0 and known > window.end:
-            # Nobody follows the head: move the window past what is known to be committed
-            # instead of reading it. A subscription that starts later and finds itself before
-            # the window catches up from the database, as one that fell behind does.
-            window.skip_to(known)
-            self._grew.set()
-            self._grew = trio.Event()
+        head_unknown, self._head_unknown = self._head_unknown, False
+        if self._subscribers == 0:
+            # Nobody follows the head: move the window past what is committed instead of
+            # reading it. A subscription that starts later and finds itself before the window
+            # catches up from the database, as one that fell behind does.
+            if head_unknown:
+                known = max(known, await self._reader.head_position())
+            if known > window.end:
+                window.skip_to(known)
+                self._grew.set()
+                self._grew = trio.Event()
             return
         everything = Selector()
         while True:
             known = self._committed_up_to
+            start = window.end
             events, reached, more = await self._reader.events_after(
-                everything, window.end, READ_PAGE,
-                known_head=known if known > window.end else None)
+                everything, start, READ_PAGE,
+                known_head=known if known > start and not head_unknown else None)
+            if window.end > start:
+                # The writer put its own commits into the window during the read.
+                events = [e for e in events if e.position > window.end]
             if reached > window.end:
                 window.extend(events, reached)
                 self._grew.set()

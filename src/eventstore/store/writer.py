@@ -91,21 +91,44 @@ INSERT_MAX_EVENTS = 64
 INSERT_MAX_BYTES = 256 * 1024
 # The streams' new versions, the wake-up of other server processes' live feeds (once per
 # batch, not per request: a NOTIFY in every transaction serializes commits cluster-wide), and
-# COMMIT.
+# COMMIT — with, while someone subscribes, the committed rows read back (`_ROWS`) so that this
+# process's live feed need not read them again.
 _FINISH = (
     "INSERT INTO event_streams AS s (stream_id, stream_type, version, created_at, updated_at)"
     " SELECT k.id, k.t, k.v, %s, %s FROM unnest(%s::uuid[], %s::text[], %s::int8[]) AS k(id, t, v)"
     " ON CONFLICT (stream_id, stream_type)"
     " DO UPDATE SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at;"
-    " NOTIFY eventstore_commits; COMMIT"
+    " NOTIFY eventstore_commits;"
 )
+# Rows between two positions as the tuples of `COPY … TO STDOUT (FORMAT BINARY)` — the very
+# bytes the readers get, which the Rust extension turns into Events (*_send are the binary
+# output functions COPY uses) — in one value, inside the transaction (its own rows).
+_ROWS = (
+    " SELECT string_agg('\\x0009'::bytea"
+    " || int4send(16) || uuid_send(event_id) || int4send(16) || uuid_send(stream_id)"
+    " || int4send(octet_length(textsend(stream_type))) || textsend(stream_type)"
+    " || int4send(8) || int8send(version)"
+    " || int4send(octet_length(textsend(event_type))) || textsend(event_type)"
+    " || int4send(octet_length(jsonb_send(data))) || jsonb_send(data)"
+    " || CASE WHEN metadata IS NULL THEN int4send(-1)"
+    " ELSE int4send(octet_length(jsonb_send(metadata))) || jsonb_send(metadata) END"
+    " || int4send(8) || timestamptz_send(created_at) || int4send(8) || int8send(position),"
+    " ''::bytea ORDER BY position) FROM events WHERE position BETWEEN %s AND %s;"
+)
+_COMMIT = " COMMIT"
+READ_BACK_MAX_EVENTS = 256
+READ_BACK_MAX_BYTES = 256 * 1024
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+COPY_TRAILER = b"\xff\xff"
 COPY_EVENTS = (
     "COPY events (event_id, stream_id, stream_type, version, event_type, data, metadata,"
     " created_at, position) FROM STDIN (FORMAT BINARY)"
 )
 
 Outcome = bytes | EventStoreError
-BatchListener = Callable[[int, int, int], None]
+# (first position, last position, event count, the committed rows as binary COPY output, or
+# None when they were not read back)
+BatchListener = Callable[[int, int, int, bytes | None], None]
 
 
 class PendingAppend:
@@ -160,7 +183,9 @@ class AppendWriter:
         self._batch_done = trio.Event()
         self._listeners: list[BatchListener] = []
         # Ranges committed by the worker thread, announced by the writer task.
-        self._committed: list[tuple[int, int, int]] = []
+        self._committed: list[tuple[int, int, int, bytes | None]] = []
+        # Whether to read committed rows back for the listeners (asked once per batch).
+        self.rows_wanted: Callable[[], bool] = lambda: False
 
     @property
     def backend_pid(self) -> int | None:
@@ -168,8 +193,9 @@ class AppendWriter:
         return self._backend_pid
 
     def add_listener(self, listener: BatchListener) -> None:
-        """Call `listener(first_position, last_position, event_count)` after each commit that
-        stored events (from the writer task, not a thread)."""
+        """Call `listener(first_position, last_position, event_count, rows)` after each commit
+        that stored events (from the writer task, not a thread); `rows` is the committed events
+        as binary COPY output when `rows_wanted()` said so, else None."""
         self._listeners.append(listener)
 
     async def append(self, request: AppendRequest) -> bytes:
@@ -222,9 +248,13 @@ class AppendWriter:
                 if self._metrics is not None:
                     self._observe(self._metrics, batch, outcomes, time.perf_counter() - started)
                 committed, self._committed = self._committed, []
-                for first, last, count in committed:
+                for first, last, count, rows in committed:
                     for listener in self._listeners:
-                        listener(first, last, count)
+                        try:
+                            listener(first, last, count, rows)
+                        except Exception:
+                            # A listener's bug must not stop the appends of every client.
+                            log.exception("a commit listener failed")
         finally:
             self._accepting = False
             while self._queue:
@@ -450,11 +480,19 @@ class AppendWriter:
         for request, first in accepted:
             key = (request.stream_id, request.stream_type)
             final[key] = max(final.get(key, 0), first + request.event_count - 1)
-        query = (_INSERT_EVENTS if small else "") + _FINISH
+        # Read back only small batches: the read runs under the append lock.
+        want_rows = (count <= READ_BACK_MAX_EVENTS and self.rows_wanted()
+                     and sum(r.payload_bytes for r, _ in accepted) <= READ_BACK_MAX_BYTES)
+        query = (_INSERT_EVENTS if small else "") + _FINISH + (_ROWS if want_rows else "")
         params = (_insert_parameters(accepted, head + 1, now) if small else ()) + (
-            now, now, [k[0] for k in final], [k[1] for k in final], list(final.values()))
+            now, now, [k[0] for k in final], [k[1] for k in final], list(final.values())) + (
+            (head + 1, head + count) if want_rows else ())
         try:
-            _exec(conn, query, params)
+            results = _exec_all(conn, query + _COMMIT, params)
+            if results[-1].command_status != b"COMMIT":
+                # Not an error, yet not committed: never answer as if it were either way.
+                raise psycopg.OperationalError(
+                    f"COMMIT answered {results[-1].command_status!r}")
         except psycopg.errors.UniqueViolation as exc:
             if exc.diag.constraint_name == "events_pkey":
                 raise _StoredIdsMet from exc
@@ -463,7 +501,13 @@ class AppendWriter:
             if is_connection_error(exc):
                 raise _OutcomeUnknown(planned, [r.event_ids[0] for r, _ in accepted]) from exc
             raise
-        self._committed.append((head + 1, head + count, count))
+        read_back = None
+        if want_rows:
+            # A simple query's results are text: bytea comes as \x and hex digits.
+            body = results[-2].get_value(0, 0)
+            read_back = COPY_HEADER + (bytes.fromhex(body[2:].decode()) if body else b"") + (
+                COPY_TRAILER)
+        self._committed.append((head + 1, head + count, count, read_back))
         return planned
 
     def _check_retries(self, conn: psycopg.Connection[TupleRow],
@@ -521,10 +565,36 @@ def _exec(conn: psycopg.Connection[TupleRow], query: str, params: tuple[object, 
     """Run `query` (one or more statements; parameters bound client-side) in one libpq call;
     the last statement's result. Errors are psycopg's (a lost connection: OperationalError)."""
     text = psycopg.ClientCursor(conn).mogrify(query, params)
-    result = conn.pgconn.exec_(text.encode())
+    result = conn.pgconn.exec_(text.encode(conn.info.encoding))
     if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
         raise result_error(conn, result)
     return result
+
+
+def _exec_all(conn: psycopg.Connection[TupleRow], query: str, params: tuple[object, ...],
+              ) -> list[pq.abc.PGresult]:
+    """Like `_exec`, with every statement's result (PQexec keeps only the last one). The
+    server stops at the first failing statement; that one's error is raised — unless a COMMIT
+    had already succeeded (an error after it cannot undo it: the results are returned)."""
+    text = psycopg.ClientCursor(conn).mogrify(query, params)
+    pgconn = conn.pgconn
+    pgconn.send_query(text.encode(conn.info.encoding))
+    results: list[pq.abc.PGresult] = []
+    failed: pq.abc.PGresult | None = None
+    while (result := pgconn.get_result()) is not None:
+        if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+            failed = failed or result
+        results.append(result)
+    committed = any(r.status == pq.ExecStatus.COMMAND_OK and r.command_status == b"COMMIT"
+                    for r in results)
+    if committed:
+        if failed is not None:
+            log.warning("an error arrived after COMMIT succeeded: %s",
+                        (failed.error_message or b"").decode(errors="replace").strip())
+        return results
+    if failed is not None or pgconn.status == pq.ConnStatus.BAD:
+        raise result_error(conn, failed)
+    return results
 
 
 def _json_rows(value: bytes | None) -> list[list[Any]]:
