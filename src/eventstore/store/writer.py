@@ -488,7 +488,12 @@ class AppendWriter:
             now, now, [k[0] for k in final], [k[1] for k in final], list(final.values())) + (
             (head + 1, head + count) if want_rows else ())
         try:
-            results = _exec_all(conn, query + _COMMIT, params)
+            # Every statement's result only when the read-back's is needed: each result is one
+            # more GIL re-take (see `_BEGIN`).
+            if want_rows:
+                results = _exec_all(conn, query + _COMMIT, params)
+            else:
+                results = [_exec(conn, query + _COMMIT, params)]
             if results[-1].command_status != b"COMMIT":
                 # Not an error, yet not committed: never answer as if it were either way.
                 raise psycopg.OperationalError(
