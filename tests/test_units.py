@@ -200,6 +200,16 @@ def test_window_byte_limit() -> None:
     assert len(window) == 3 and window.size_bytes == 90 and window.start == 2
 
 
+def test_window_extend_skips_what_it_already_has() -> None:
+    """A feed read that raced the writer's hand-over returns events the window already has."""
+    window = Window(0, max_events=1000, max_bytes=10**6)
+    window.extend([live_event(p) for p in range(1, 6)], 5)
+    window.extend([live_event(p) for p in range(3, 9)], 8)
+    window.extend([live_event(p) for p in range(7, 9)], 8)
+    assert [e.position for e in window.since(0, 100)[0]] == list(range(1, 9))
+    assert window.size_bytes == 80
+
+
 def test_window_skip_covers_nothing_before_it() -> None:
     window = Window(0, max_events=1000, max_bytes=10**6)
     window.extend([live_event(p) for p in range(1, 11)], 10)

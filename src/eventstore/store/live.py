@@ -81,9 +81,13 @@ class Window:
         return self.start <= after <= self.end
 
     def extend(self, events: list[LiveEvent], new_end: int) -> None:
-        """Append `events` (ascending, all after `end`); the window now reaches `new_end`."""
+        """Append `events` (ascending); the window now reaches `new_end`. Events at or below
+        `end` are already in it (a read that raced the writer's hand-over of its own commits
+        returns some again) and are skipped."""
         if new_end < self.end:
             raise ValueError("the window cannot move backwards")
+        if events and events[0].position <= self.end:
+            events = events[bisect.bisect_right([e.position for e in events], self.end):]
         for event in events:
             self._events.append(event)
             self._positions.append(event.position)

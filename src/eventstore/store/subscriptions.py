@@ -82,7 +82,9 @@ class LiveFeed:
     def committed(self, first: int, last: int, rows: bytes | None) -> None:
         """This process's writer committed positions first..last; `rows` are those events as
         binary COPY output when it read them back. Events that continue the window go into it
-        at once (no read); otherwise the feed reads what it misses."""
+        at once (no read); otherwise the feed reads what it misses — up to `last` without
+        asking for the head: positions are dense under the writer's lock, so after a commit
+        that ended at `last` nothing at or below it is still in flight."""
         self._committed_up_to = max(self._committed_up_to, last)
         window = self.window
         if window is None or window.end >= last:
@@ -100,16 +102,10 @@ class LiveFeed:
                 return
         self._wake.set()
 
-    def wake(self, committed_up_to: int = 0) -> None:
-        """Something was committed: read it soon. Cheap; call it as often as you like.
-
-        `committed_up_to`, when known, is a position up to which every event is committed and
-        visible (positions are dense under the writer's lock, so after a commit that ended at
-        P, nothing at or below P is still in flight)."""
-        if committed_up_to:
-            self._committed_up_to = max(self._committed_up_to, committed_up_to)
-        else:
-            self._head_unknown = True
+    def wake(self) -> None:
+        """Something was committed somewhere (another server process's NOTIFY): read up to
+        the head soon. Cheap; call it as often as you like."""
+        self._head_unknown = True
         self._wake.set()
 
     def close(self) -> None:
@@ -162,9 +158,8 @@ class LiveFeed:
             events, reached, more = await self._reader.events_after(
                 everything, start, READ_PAGE,
                 known_head=known if known > start and not head_unknown else None)
-            if window.end > start:
-                # The writer put its own commits into the window during the read.
-                events = [e for e in events if e.position > window.end]
+            # (The writer may have put its own commits into the window during the read:
+            # `extend` skips what it already has.)
             if reached > window.end:
                 window.extend(events, reached)
                 self._grew.set()
