@@ -966,8 +966,9 @@ async def test_two_server_processes_deliver_each_others_commits(pg_cluster: PgCl
             print("append on one → event on two:", [f"{x * 1000:.0f} ms" for x in latencies])
             assert max(latencies) < 5, f"delivery across processes took {latencies}"
 
-            # Under load: writers on `one`; subscribers join on `two` (and one on `one`) at
-            # random moments.
+            # Under load: writers on both processes (each feed then mixes its own writer's
+            # hand-overs with reads of the other's commits); subscribers join on `two` (and
+            # one on `one`) at random moments.
             writers, appends = 4, 40
             plans = [[rng.randint(1, 20) for _ in range(appends)] for _ in range(writers)]
             base = len(acks.items)
@@ -994,7 +995,8 @@ async def test_two_server_processes_deliver_each_others_commits(pg_cluster: PgCl
                 inner.start_soon(subscriber, "purerpc on one", "purerpc", one.port,
                                  rng.randrange(writers * appends - 1))
                 for w, plan in enumerate(plans):
-                    inner.start_soon(partial_write_load, one.port, w, plan, acks)
+                    inner.start_soon(partial_write_load, (one.port, two.port)[w % 2], w, plan,
+                                     acks)
             truth = await everything(two.port)
     assert len(truth) == total and {e.event_id for e in truth} == acks.ids()
     for sub, head in results.values():
