@@ -1,7 +1,8 @@
 """Health: one readiness state shared by `/health/ready` and `grpc.health.v1.Health`.
 
 A background task checks the database every HEALTH_CHECK_INTERVAL_MS (it answers, and every
-migration is applied) and records the result; shutting down marks the server as draining.
+migration is applied), on one kept connection, and records the result; shutting down marks
+the server as draining.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import psycopg
 import trio
+from psycopg.rows import TupleRow
 from purerpc.grpclib.events import RequestReceived
 
 from eventstore.db.connection import connect
@@ -46,6 +49,10 @@ class Health:
         self._interval = interval
         self.state = Readiness()
         self._changed = trio.Event()
+        # One connection, kept between checks (a new one every interval costs PostgreSQL a
+        # backend process each time); dropped on any error, so a check after an outage
+        # reconnects.
+        self._conn: psycopg.Connection[TupleRow] | None = None
 
     def _set(self, state: Readiness) -> None:
         if state.ready != self.state.ready:
@@ -61,10 +68,13 @@ class Health:
 
     def _check(self) -> Readiness:
         try:
-            with connect(self._url, autocommit=True, connect_timeout=2) as conn:
-                conn.execute("SELECT 1")
-                pending = pending_migrations(conn)
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self._url, autocommit=True, connect_timeout=2,
+                                     statement_timeout_ms=2000)
+            self._conn.execute("SELECT 1")
+            pending = pending_migrations(self._conn)
         except Exception as exc:
+            self._close()
             return Readiness(False, False, self.state.draining,
                              f"database unreachable: {type(exc).__name__}")
         if pending:
@@ -73,12 +83,23 @@ class Health:
         return Readiness(True, True, self.state.draining,
                          "draining" if self.state.draining else "ok")
 
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as exc:
+                log.debug("closing the health check's connection: %s", type(exc).__name__)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._set(await trio.to_thread.run_sync(self._check))
-        task_status.started()
-        while True:
-            await trio.sleep(self._interval)
+        try:
             self._set(await trio.to_thread.run_sync(self._check))
+            task_status.started()
+            while True:
+                await trio.sleep(self._interval)
+                self._set(await trio.to_thread.run_sync(self._check))
+        finally:
+            self._close()
 
     # -- grpc.health.v1.Health ------------------------------------------------------------
 
