@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import orjson
+import psycopg
 import pytest
 import trio
 
@@ -88,6 +89,29 @@ async def test_grpc_health_check(server: ServerInfo) -> None:
 
 
 @pytest.mark.slow
+async def test_readiness_checks_reuse_one_connection(nursery: trio.Nursery,
+                                                     database_url: str) -> None:
+    """The readiness check runs every HEALTH_CHECK_INTERVAL_MS on a kept connection: twenty
+    checks open no new PostgreSQL sessions (they used to open one each)."""
+    settings = make_settings(database_url, health_check_interval_ms=50)
+    await nursery.start(serve, settings)
+
+    def sessions() -> int:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            row = conn.execute("SELECT sessions FROM pg_stat_database"
+                               " WHERE datname = current_database()").fetchone()
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+        assert row is not None
+        return int(row[0])
+
+    await trio.sleep(0.5)  # start-up connections are made by now
+    before = await trio.to_thread.run_sync(sessions)
+    await trio.sleep(1.0)
+    after = await trio.to_thread.run_sync(sessions)
+    # The two probes above are one session each; nothing else should connect while idle.
+    assert after - before <= 3, f"{after - before} sessions opened in 20 check intervals"
+
+
 async def test_database_outage_is_reported_and_recovers_by_itself(
         nursery: trio.Nursery, private_pg: tuple[EmbeddedPostgres, str]) -> None:
     pg, url = private_pg
