@@ -77,6 +77,16 @@ def start_server(url: str, log_path: Path | None = None,
     raise RuntimeError(f"server did not start; see {log_path}")
 
 
+def stop_process(proc: subprocess.Popen[bytes], seconds: float = 20) -> None:
+    """SIGTERM (a graceful stop), and SIGKILL if it has not exited within `seconds`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def new_events(n: int) -> list[pb.NewEvent]:
     return [pb.NewEvent(event_id=str(uuid.uuid4()), event_type="WordAdded", data=PAYLOAD,
                         metadata=METADATA) for _ in range(n)]
@@ -398,11 +408,7 @@ def main() -> None:
             results.update(asyncio.run(measure(url, port, seconds, args.quick, proc.pid)))
             print(json.dumps(results["ratios"], indent=2))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, 15)
             pg.stop()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

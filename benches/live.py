@@ -23,7 +23,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ import grpc
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core import SERVICE, new_events, settle, start_server
+from core import SERVICE, new_events, settle, start_server, stop_process
 from progress import step
 
 from eventstore import _es_codec as codec
@@ -282,8 +281,7 @@ def main() -> None:
             results = asyncio.run(measure(url, port, args.quick))
             print(json.dumps(results["ratios"], indent=2))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(20)
+            stop_process(proc)
             pg.stop()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

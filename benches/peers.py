@@ -49,7 +49,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core import METADATA, PAYLOAD
+from core import METADATA, PAYLOAD, stop_process
 from progress import step
 
 BATCHES = (1, 10, 100)
@@ -281,12 +281,7 @@ def running_umadb(umadb: Any, workdir: Path) -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 class UmadbClient:

@@ -31,8 +31,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -120,11 +118,7 @@ def main() -> int:
             try:
                 results = asyncio.run(measure_all(url, port, quick, proc.pid))
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                core.stop_process(proc)
             # The peers run once our server has stopped: each has the machine to itself.
             if not args.no_peers:
                 with step("peers: eventsourcing, UmaDB"):
