@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from eventstore._es_codec import encode_event_list, encode_events
 from eventstore.config import Settings
+from eventstore.db import libpq
 from eventstore.db.connection import APPLICATION_NAME
 from eventstore.db.errors import is_connection_error, result_error, to_domain
 from eventstore.store.live import LiveEvent, Selector
@@ -206,9 +207,10 @@ class Reader:
         """The binary COPY output of `query` as one bytes object.
 
         psycopg's Copy iterator costs several Python calls per row, which on a 2-core machine
-        is most of a page's time and holds the GIL against the gRPC loop; here each row costs
-        one libpq call (PQgetCopyData, which releases the GIL while it waits). Parameters are
-        bound client-side, as psycopg does for COPY anyway.
+        is most of a page's time and holds the GIL against the gRPC loop; here each buffered
+        row costs one quick libpq call, and the thread waits for more in `poll()`, with the
+        GIL released (see `eventstore.db.libpq`). Parameters are bound client-side, as psycopg
+        does for COPY anyway.
         """
         conn = cur.connection
         statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(query)
@@ -217,21 +219,15 @@ class Reader:
         result = pgconn.exec_(text.encode(conn.info.encoding))
         if result.status != pq.ExecStatus.COPY_OUT:
             raise result_error(conn, result)
-        chunks = []
-        get = pgconn.get_copy_data
-        while True:
-            size, data = get(0)
-            if size < 0:
-                break
-            chunks.append(data)
-        final = pgconn.get_result()
-        while pgconn.get_result() is not None:
+        data, size = libpq.copy_out(pgconn)
+        final = libpq.get_result(pgconn)
+        while libpq.get_result(pgconn) is not None:
             pass
         if final is None:
             raise psycopg.OperationalError("COPY ended without a result")
         if size == -2 or final.status != pq.ExecStatus.COMMAND_OK:
             raise result_error(conn, final)
-        return b"".join(chunks)
+        return data
 
     def _select_after(self, conn: Conn, selector: Selector, after: int, limit: int,
                       known_head: int | None = None) -> tuple[bytes, int, int]:

@@ -41,6 +41,7 @@ from psycopg.rows import TupleRow
 
 from eventstore._es_codec import AppendRequest, check_versions, encode_copy
 from eventstore.config import Settings
+from eventstore.db import libpq
 from eventstore.db.connection import connect
 from eventstore.db.errors import is_connection_error, is_data_error, result_error, to_domain
 from eventstore.errors import (
@@ -488,8 +489,8 @@ class AppendWriter:
             now, now, [k[0] for k in final], [k[1] for k in final], list(final.values())) + (
             (head + 1, head + count) if want_rows else ())
         try:
-            # Every statement's result only when the read-back's is needed: each result is one
-            # more GIL re-take (see `_BEGIN`).
+            # Every statement's result only when the read-back's is needed: each wait for one
+            # is one more GIL re-take (see `_BEGIN`).
             if want_rows:
                 results = _exec_all(conn, query + _COMMIT, params)
             else:
@@ -578,15 +579,16 @@ def _exec(conn: psycopg.Connection[TupleRow], query: str, params: tuple[object, 
 
 def _exec_all(conn: psycopg.Connection[TupleRow], query: str, params: tuple[object, ...],
               ) -> list[pq.abc.PGresult]:
-    """Like `_exec`, with every statement's result (PQexec keeps only the last one). The
-    server stops at the first failing statement; that one's error is raised — unless a COMMIT
-    had already succeeded (an error after it cannot undo it: the results are returned)."""
+    """Like `_exec`, with every statement's result (PQexec keeps only the last one), waiting
+    for them with the GIL released (`eventstore.db.libpq`). The server stops at the first
+    failing statement; that one's error is raised — unless a COMMIT had already succeeded (an
+    error after it cannot undo it: the results are returned)."""
     text = psycopg.ClientCursor(conn).mogrify(query, params)
     pgconn = conn.pgconn
     pgconn.send_query(text.encode(conn.info.encoding))
     results: list[pq.abc.PGresult] = []
     failed: pq.abc.PGresult | None = None
-    while (result := pgconn.get_result()) is not None:
+    while (result := libpq.get_result(pgconn)) is not None:
         if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
             failed = failed or result
         results.append(result)
