@@ -22,6 +22,7 @@ import h2.exceptions
 import trio
 from anyio.streams.tls import TLSAttribute
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
+from purerpc.grpc_socket import SocketWrapper
 from purerpc.grpclib.connection import GRPCConfiguration
 from purerpc.grpclib.events import RequestReceived
 from purerpc.grpclib.exceptions import StreamClosedError
@@ -63,6 +64,59 @@ class _Serialized:
 
     def SerializeToString(self) -> bytes:
         return self._data
+
+
+class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's socket wrapper, plus `send_now`: a streaming handler's task writes its own
+    message to the socket at once.
+
+    purerpc leaves every write to one writer task per connection, woken by an event. When the
+    live feed wakes many subscriptions at once, Trio runs all of them before any writer task,
+    so the first subscriber's bytes left only after every subscriber's message was built (and
+    the median subscriber waited for half the others twice). Both paths take and send the
+    connection's pending bytes under one lock, so they leave in the order they were framed.
+    """
+
+    _flush_event: anyio.Event  # purerpc's, set by every flush
+
+    def __init__(self, grpc_connection: Any, stream: Any) -> None:
+        super().__init__(grpc_connection, stream)
+        self._send_lock = trio.Lock()
+
+    async def _writer_thread(self) -> None:
+        while True:
+            async with self._send_lock:
+                data = self._grpc_connection.data_to_send()
+                if data:
+                    await self._stream.send(data)
+                    continue
+            if not self._running:
+                return
+            await self._flush_event.wait()
+            self._flush_event = anyio.Event()
+
+    async def send_now(self) -> bool:
+        """Send what is pending unless a send is in progress (then its sender takes this too:
+        purerpc's flush has already woken the writer task). True if this task sent (and so
+        yielded to Trio)."""
+        try:
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        try:
+            data = self._grpc_connection.data_to_send()
+            if not data:
+                return False
+            await self._stream.send(data)
+            return True
+        finally:
+            self._send_lock.release()
+
+
+class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
+    def __init__(self, config: GRPCConfiguration, stream: Any) -> None:
+        super().__init__(config, stream)
+        self._socket = _EagerSocket(self._grpc_connection, stream)
 
 
 @dataclass(frozen=True)
@@ -109,7 +163,7 @@ class GrpcServer:
         peer = _peer_of(byte_stream)
         certificate = byte_stream.extra(TLSAttribute.peer_certificate, None)
         try:
-            async with GRPCProtoSocket(self._config, byte_stream) as grpc_socket:
+            async with _Socket(self._config, byte_stream) as grpc_socket:
                 async with trio.open_nursery() as nursery:
                     async for stream in grpc_socket.listen():
                         nursery.start_soon(self._request, stream, peer, certificate)
@@ -177,8 +231,10 @@ class GrpcServer:
                 try:
                     async for reply in replies:
                         await stream.send_message(_Serialized(reply))
-                        # purerpc's send path does not yield while the HTTP/2 window is open.
-                        await trio.lowlevel.checkpoint()
+                        # purerpc's send path does not yield while the HTTP/2 window is open;
+                        # a send of our own does.
+                        if not await stream._socket.send_now():
+                            await trio.lowlevel.checkpoint()
                 finally:
                     aclose = getattr(replies, "aclose", None)
                     if aclose is not None:
