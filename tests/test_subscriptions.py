@@ -497,6 +497,35 @@ async def test_filters_over_history_and_live(kind: str, server: ServerInfo) -> N
         assert not hidden.events and hidden.checkpoints[-1][2] >= stored[-1].position
 
 
+async def test_catch_up_reading_ahead_with_uneven_pages(nursery: trio.Nursery,
+                                                        database_url: str) -> None:
+    """A catch-up from the database reads its next pages while sending one, guessing where the
+    page after next starts. Filters and a small scan window make pages span uneven position
+    ranges, so guesses go wrong; every filter and batch size still gets exactly its events."""
+    info = await start_server(nursery, make_settings(database_url, live_window_events=5,
+                                                     read_all_scan_window=37))
+    rng = random.Random(7)
+    streams = [(str(uuid.uuid4()), t) for t in FILTER_STREAM_TYPES for _ in range(2)]
+    acks = Acks()
+    with trio.fail_after(60):
+        async with PurerpcClient.connect(info.port) as client:
+            await write_mixture(client, acks, rng, 120, streams)
+            await append(client, acks, str(uuid.uuid4()), "Order", ["Order.Created"] * 200)
+        stored = await everything(info.port)
+        assert info.feed.window is not None and info.feed.window.start > 0
+        for name in ("stream type", "both", "nothing matches", None):
+            f = FILTERS[name] if name is not None else pb.Filter()
+            expected = [e for e in stored if matches(e, f)]
+            for max_batch in (2, 9, 1000):
+                sub = await collect("purerpc", info.port, "SubscribeToAll",
+                                    pb.SubscribeAllRequest(include_existing=True, filter=f,
+                                                           max_batch_size=max_batch),
+                                    is_caught_up, f"{name}, max_batch_size={max_batch}")
+                assert_same_events(sub, expected)
+                assert_batches(sub, max_batch)
+                assert_caught_up_once(sub, history_head=stored[-1].position)
+
+
 @pytest.mark.parametrize("kind", CLIENTS)
 async def test_subscribe_to_one_stream_from_version(kind: str, server: ServerInfo) -> None:
     """stream_id + from_version (exclusive): that stream's later versions only — not another

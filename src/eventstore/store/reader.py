@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
+import outcome
 import psycopg
 import trio
 from psycopg import pq, sql
@@ -51,6 +52,23 @@ EVENT_COLUMNS = (
 
 def _configure(conn: Conn) -> None:
     conn.autocommit = True
+
+
+class Pending(Generic[_T]):
+    """The result of a read begun in the background (`Reader._start`)."""
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._result: outcome.Outcome[_T] | None = None
+
+    def set(self, result: outcome.Outcome[_T]) -> None:
+        self._result = result
+        self._done.set()
+
+    async def result(self) -> _T:
+        await self._done.wait()
+        assert self._result is not None
+        return self._result.unwrap()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +114,9 @@ class Reader:
     def close(self) -> None:
         self._pool.close()
 
-    async def _run(self, what: str, work: Callable[[Conn], _T]) -> _T:
-        """Run `work` on a pooled connection in a thread; translate database errors at the seam.
+    def _attempt(self, what: str, work: Callable[[Conn], _T]) -> _T:
+        """Run `work` on a pooled connection (in a worker thread); translate database errors at
+        the seam.
 
         After a database restart every pooled connection is broken; the pool discards each one
         that fails, so a read retries (reads are idempotent) until it gets a working connection
@@ -115,24 +134,49 @@ class Reader:
             finally:
                 conn.close()
 
-        def attempt() -> _T:
-            tries = self._settings.db_pool_size + 1
-            for attempt_no in range(tries):
-                try:
-                    with self._pool.connection(timeout=3.0) as conn:
-                        return work(conn)
-                except PoolTimeout as exc:
-                    # The pool had no connection in time. After an outage it backs off between
-                    # reconnection attempts for seconds; a direct connection tells at once
-                    # whether the database is back.
-                    return direct(exc)
-                except Exception as exc:
-                    if attempt_no + 1 < tries and is_connection_error(exc):
-                        continue
-                    raise to_domain(exc, what=what) from exc
-            raise AssertionError("unreachable")
+        tries = self._settings.db_pool_size + 1
+        for attempt_no in range(tries):
+            try:
+                with self._pool.connection(timeout=3.0) as conn:
+                    return work(conn)
+            except PoolTimeout as exc:
+                # The pool had no connection in time. After an outage it backs off between
+                # reconnection attempts for seconds; a direct connection tells at once
+                # whether the database is back.
+                return direct(exc)
+            except Exception as exc:
+                if attempt_no + 1 < tries and is_connection_error(exc):
+                    continue
+                raise to_domain(exc, what=what) from exc
+        raise AssertionError("unreachable")
 
-        return await trio.to_thread.run_sync(attempt, limiter=self._limiter)
+    async def _run(self, what: str, work: Callable[[Conn], _T]) -> _T:
+        return await trio.to_thread.run_sync(self._attempt, what, work, limiter=self._limiter)
+
+    def _start(self, what: str, work: Callable[[Conn], _T]) -> Pending[_T] | None:
+        """Begin `work` in a worker thread now, to collect later; None when every pooled
+        connection is in use (then read when needed instead). Its task may go away without
+        collecting it: the thread finishes the read and the result is dropped."""
+        borrower = object()
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            return None
+        pending: Pending[_T] = Pending()
+        token = trio.lowlevel.current_trio_token()
+
+        def finish(result: outcome.Outcome[_T]) -> None:
+            self._limiter.release_on_behalf_of(borrower)
+            pending.set(result)
+
+        def deliver(result: outcome.Outcome[_T]) -> None:
+            try:
+                token.run_sync_soon(finish, result)
+            except trio.RunFinishedError:
+                pass
+
+        trio.lowlevel.start_thread_soon(lambda: self._attempt(what, work), deliver)
+        return pending
 
     async def get_events(self, query: StreamRange) -> bytes:
         """The serialized GetEventsResponse for `query`."""
@@ -178,6 +222,13 @@ class Reader:
         """Like `events_after`, but the events come as one serialized EventBatch body (no
         Python object per event): what a catching-up subscription with batches sends."""
         return await self._run("reading events", lambda conn: self._batch_after(
+            conn, selector, after, limit, max_bytes))
+
+    def start_batch_after(self, selector: Selector, after: int, limit: int,
+                          max_bytes: int) -> Pending[BatchPage] | None:
+        """`batch_after`, begun now and collected later (or None: see `_start`): a catching-up
+        subscription reads its next page while the previous one is being sent."""
+        return self._start("reading events", lambda conn: self._batch_after(
             conn, selector, after, limit, max_bytes))
 
     def position_of_version(self, conn: Conn, stream_id: str, stream_type: str,

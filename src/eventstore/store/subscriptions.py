@@ -34,7 +34,7 @@ from eventstore.store.live import (
     checkpoint_notification,
     frame,
 )
-from eventstore.store.reader import Reader
+from eventstore.store.reader import BatchPage, Pending, Reader
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,8 @@ async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
         caught_up = True
         yield caught_up_notification(position)
     last_sent = time.monotonic()
+    # Catch-up pages being read ahead, by the position each reads after.
+    ahead: dict[int, Pending[BatchPage]] = {}
 
     while True:
         feed._check_open()
@@ -233,13 +235,22 @@ async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
             events, reached = window.since(position, READ_PAGE)
             selected = [e for e in events if selector.matches(e)]
         elif position < window.start and spec.max_batch > 1:
-            # Behind the window, in batches: one query per batch, encoded in Rust.
-            page = await reader.batch_after(selector, position, spec.max_batch, BATCH_MAX_BYTES)
+            # Behind the window, in batches: one query per batch, encoded in Rust. The next
+            # batches are read while this one is sent (see `_read_ahead`).
+            pending = ahead.pop(position, None)
+            for stale in [p for p in ahead if p < position]:
+                del ahead[stale]
+            if pending is not None:
+                page = await pending.result()
+            else:
+                page = await reader.batch_after(selector, position, spec.max_batch,
+                                                BATCH_MAX_BYTES)
+            if page.count and selector.stream_id is not None:
+                selector = Selector(selector.filter, selector.stream_id, page.last_version)
+            _read_ahead(reader, selector, spec, ahead, position, page.reached, window.start)
             if page.count:
                 yield batch_body_notification(page.body)
                 last_sent = time.monotonic()
-                if selector.stream_id is not None:
-                    selector = Selector(selector.filter, selector.stream_id, page.last_version)
             selected, reached = [], page.reached
         elif position < window.start:
             # Behind the window: catch up from the database.
@@ -272,6 +283,34 @@ async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
             yield checkpoint_notification(position)
             last_sent = time.monotonic()
         await trio.lowlevel.checkpoint()
+
+
+# Catch-up pages read ahead of the one being sent, per subscription (each up to
+# BATCH_MAX_BYTES): enough to keep PostgreSQL, the reader threads and the gRPC loop busy at once
+# on a small machine.
+READ_AHEAD_PAGES = 2
+
+
+def _read_ahead(reader: Reader, selector: Selector, spec: SubscriptionSpec,
+                ahead: dict[int, Pending[BatchPage]], read_from: int, reached: int,
+                window_start: int) -> None:
+    """Start reading the pages that follow one read from `read_from` up to `reached`: the next
+    one for certain, and, when reading all streams, the one after it on the guess that it will
+    span as many positions again (true of every full page while nothing is filtered out, as
+    positions are dense). A wrong guess costs one read, whose result is dropped: a page is only
+    used by the read that starts exactly where it does. Pages at or past the window's start
+    are left to the window."""
+    starts = [reached]
+    if selector.stream_id is None and reached > read_from:
+        starts.append(reached + (reached - read_from))
+    for start in starts:
+        if len(ahead) >= READ_AHEAD_PAGES or start >= window_start:
+            return
+        if start not in ahead:
+            pending = reader.start_batch_after(selector, start, spec.max_batch, BATCH_MAX_BYTES)
+            if pending is None:
+                return
+            ahead[start] = pending
 
 
 async def listen_for_commits(url: str, feed: LiveFeed,
