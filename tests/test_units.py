@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import cast
 
 import pytest
+import trio
 from purerpc.grpclib.status import StatusCode
 
 import eventstore
-from eventstore.config import ConfigError, load_settings
+from eventstore.config import ConfigError, Settings, load_settings
 from eventstore.errors import (
     AlreadyExists,
     EventStoreError,
@@ -36,6 +38,8 @@ from eventstore.store.live import (
     checkpoint_notification,
     frame,
 )
+from eventstore.store.reader import Reader
+from eventstore.store.subscriptions import TICK_SECONDS, LiveFeed
 from eventstore.store.validation import (
     EventFilter,
     like_prefix,
@@ -192,6 +196,38 @@ def test_window_covers_evicts_and_reads_from_anywhere() -> None:
     assert reached == 10_000
     window.extend([], 10_050)  # a hole at the head: covered, nothing to read
     assert window.since(10_000, 10) == ([], 10_050)
+
+
+@pytest.mark.parametrize("ticking", [False, True])
+async def test_live_waits_end_at_their_deadline_or_at_growth(
+        ticking: bool, autojump_clock: trio.testing.MockClock) -> None:
+    """A subscription's wait for the next commit ends exactly at its deadline (then it sends a
+    checkpoint) or as soon as the window grows — with the feed's tick (long waits then carry no
+    timeout of their own) and without it. The clock is Trio's mock clock: nothing is slept."""
+    feed = LiveFeed(cast(Reader, None), Settings())
+    feed.window = Window(10, max_events=100, max_bytes=10**6)
+    async with trio.open_nursery() as nursery:
+        if ticking:
+            nursery.start_soon(feed._tick)
+            feed._ticking = True
+        for seconds in (0.1, 2 * TICK_SECONDS, 1.3, 7.0):
+            start = trio.current_time()
+            assert not await feed.wait_beyond(10, seconds)
+            assert trio.current_time() - start == pytest.approx(seconds, abs=1e-9)
+
+        async def grow() -> None:
+            await trio.sleep(2.7)
+            feed.window.extend([live_event(11)], 11)  # type: ignore[union-attr]
+            feed._signal()
+
+        nursery.start_soon(grow)
+        start = trio.current_time()
+        assert await feed.wait_beyond(10, 30.0)
+        assert trio.current_time() - start == pytest.approx(2.7, abs=1e-9)
+        feed.close()
+        with pytest.raises(Unavailable):
+            await feed.wait_beyond(11, 30.0)
+        nursery.cancel_scope.cancel()
 
 
 def test_window_byte_limit() -> None:
