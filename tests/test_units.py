@@ -7,8 +7,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import cast
 
+import h2.config
+import h2.connection
+import h2.exceptions
 import pytest
 import trio
+from purerpc.grpclib.connection import GRPCConfiguration, GRPCConnection
 from purerpc.grpclib.status import StatusCode
 
 import eventstore
@@ -24,6 +28,7 @@ from eventstore.errors import (
     WrongExpectedVersion,
 )
 from eventstore.grpc.status import STATUS_OF, to_status
+from eventstore.grpc.transport import _Connection
 from eventstore.store.batching import (
     Retry,
     Reused,
@@ -196,6 +201,60 @@ def test_window_covers_evicts_and_reads_from_anywhere() -> None:
     assert reached == 10_000
     window.extend([], 10_050)  # a hole at the head: covered, nothing to read
     assert window.since(10_000, 10) == ([], 10_050)
+
+
+def _server_connections() -> tuple[GRPCConnection, GRPCConnection, h2.connection.H2Connection]:
+    """Our connection and purerpc's, brought to the same state by the same client bytes: one
+    request stream (id 1) open."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/s/m"),
+                            (":authority", "localhost"), ("te", "trailers"),
+                            ("content-type", "application/grpc")])
+    opening = client.data_to_send()
+    config = GRPCConfiguration(client_side=False)
+    ours, theirs = _Connection(config), GRPCConnection(config)
+    for connection in (ours, theirs):
+        connection.initiate_connection()
+        connection.receive_data(opening)
+        connection.h2_connection.data_to_send()
+    return ours, theirs, client
+
+
+def test_fast_data_frames_are_h2s_byte_for_byte() -> None:
+    ours, theirs, client = _server_connections()
+    for connection in (ours, theirs):
+        connection.start_response(1)
+    assert ours.h2_connection.data_to_send() == theirs.h2_connection.data_to_send()
+    sizes = [0, 1, 5, 255, 256, 1000, 16383, 16384, 16384, 14867]  # the whole initial window
+    for i, size in enumerate(sizes):
+        data = bytes([i]) * size
+        ours.send_data(1, data)
+        theirs.send_data(1, data)
+        sent = ours.h2_connection.data_to_send()
+        assert sent == theirs.h2_connection.data_to_send()
+        assert len(sent) == 9 + size
+        assert (ours.h2_connection.streams[1].outbound_flow_control_window
+                == theirs.h2_connection.streams[1].outbound_flow_control_window)
+        assert (ours.h2_connection.outbound_flow_control_window
+                == theirs.h2_connection.outbound_flow_control_window)
+    # The initial window (65,535) is spent: both refuse one more byte the same way.
+    for connection in (ours, theirs):
+        assert connection.h2_connection.local_flow_control_window(1) == 0
+        with pytest.raises(h2.exceptions.FlowControlError):
+            connection.send_data(1, b"x")
+    for connection in (ours, theirs):
+        connection.send_data(1, b"", end_stream=True)
+    assert ours.h2_connection.data_to_send() == theirs.h2_connection.data_to_send()
+    # A stream the client reset: both raise what purerpc's callers treat as "client gone".
+    ours, theirs, client = _server_connections()
+    client.reset_stream(1)
+    reset = client.data_to_send()
+    for connection in (ours, theirs):
+        connection.start_response(1)
+        connection.receive_data(reset)
+        with pytest.raises(h2.exceptions.StreamClosedError):
+            connection.send_data(1, b"late")
 
 
 @pytest.mark.parametrize("ticking", [False, True])
