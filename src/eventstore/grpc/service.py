@@ -186,8 +186,9 @@ class EventStoreService:
         interval = checkpoint_interval_ms or self._settings.checkpoint_interval_ms
         return min(max_batch_size, self._settings.read_page_max), interval / 1000
 
-    async def subscribe_to_stream(self, raw: bytes,
-                                  request: RequestReceived) -> AsyncIterator[bytes]:
+    def subscribe_to_stream(self, raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
+        # Not a generator itself: the request is validated here, at the call, and the
+        # transport iterates `subscribe` directly (one generator layer per message, not two).
         msg = decode(pb.SubscribeRequest, raw)
         stream_type = check_name("stream_type", msg.stream_type)
         max_batch, interval = self._delivery(msg.max_batch_size, msg.checkpoint_interval_ms)
@@ -201,8 +202,6 @@ class EventStoreService:
                 raise InvalidArgument(
                     f"from_version: must not be negative, got {msg.from_version}")
             after = 0
-            if msg.from_version and msg.include_existing:
-                after = await self._reader.stream_start(stream_id, stream_type, msg.from_version)
             selector = Selector(EventFilter((stream_type,)), stream_id, msg.from_version)
         else:
             if msg.from_version:
@@ -213,11 +212,11 @@ class EventStoreService:
                     f"from_position: must not be negative, got {msg.from_position}")
             after = msg.from_position
             selector = Selector(EventFilter((stream_type,)))
-        spec = SubscriptionSpec(selector, after, msg.include_existing, max_batch, interval)
-        async for message in subscribe(self._feed, self._reader, spec):
-            yield message
+        spec = SubscriptionSpec(selector, after, msg.include_existing, max_batch, interval,
+                                start_version=msg.from_version if msg.stream_id else 0)
+        return subscribe(self._feed, self._reader, spec)
 
-    async def subscribe_to_all(self, raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
+    def subscribe_to_all(self, raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
         msg = decode(pb.SubscribeAllRequest, raw)
         event_filter = parse_filter(msg.filter.stream_types, msg.filter.event_type_prefixes)
         event_filter = event_filter.restricted_to(
@@ -227,5 +226,4 @@ class EventStoreService:
         max_batch, interval = self._delivery(msg.max_batch_size, msg.checkpoint_interval_ms)
         spec = SubscriptionSpec(Selector(event_filter), msg.from_position,
                                 msg.include_existing, max_batch, interval)
-        async for message in subscribe(self._feed, self._reader, spec):
-            yield message
+        return subscribe(self._feed, self._reader, spec)

@@ -18,7 +18,9 @@ from eventstore.store.validation import EventFilter
 
 @dataclass(frozen=True, slots=True)
 class LiveEvent:
-    """A committed event with what filters need; `data` is the serialized `Event`."""
+    """A committed event with what filters need; `data` is the serialized `Event`, and
+    `notification` the EventNotification that carries it alone (framed once, however many
+    subscribers it goes to)."""
 
     position: int
     version: int
@@ -26,6 +28,10 @@ class LiveEvent:
     stream_type: str
     event_type: str
     data: bytes
+    notification: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "notification", _field(_EVENT, self.data))
 
 
 @dataclass(frozen=True)
@@ -155,10 +161,6 @@ def _position_message(position: int) -> bytes:
     return b"\x08" + _varint(position) if position else b""
 
 
-def event_notification(event: LiveEvent) -> bytes:
-    return _field(_EVENT, event.data)
-
-
 def batch_notification(events: list[LiveEvent]) -> bytes:
     return _field(_BATCH, b"".join(_field(_EVENT, e.data) for e in events))
 
@@ -180,7 +182,7 @@ def frame(events: list[LiveEvent], max_batch: int, max_bytes: int) -> list[bytes
     """The notifications that carry `events`: one per event when max_batch ≤ 1, else batches
     of at most `max_batch` events and about `max_bytes` bytes (at least one event each)."""
     if max_batch <= 1:
-        return [event_notification(e) for e in events]
+        return [e.notification for e in events]
     out: list[bytes] = []
     chunk: list[LiveEvent] = []
     size = 0

@@ -225,107 +225,112 @@ class SubscriptionSpec:
     include_existing: bool
     max_batch: int
     checkpoint_seconds: float
+    # SubscribeToStream's from_version with history: the subscription starts at that version's
+    # position (looked up when it starts; `after` is then ignored).
+    start_version: int = 0
 
 
 async def subscribe(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
                     ) -> AsyncIterator[bytes]:
     """The serialized EventNotifications of one subscription, until the client goes away or
-    the server shuts down (then `Unavailable`)."""
+    the server shuts down (then `Unavailable`).
+
+    One generator from here to the transport: with many live subscribers, every layer of async
+    generator costs each of them a little on every event."""
     feed._subscribers += 1
     token = object()
     try:
-        async for message in _subscription(feed, reader, spec, token):
-            yield message
+        selector = spec.selector
+        window = feed.window
+        assert window is not None
+        interval = min(spec.checkpoint_seconds, HEARTBEAT_SECONDS)
+        if spec.include_existing and spec.start_version and selector.stream_id is not None:
+            start = await reader.stream_start(selector.stream_id, selector.filter.stream_types[0],
+                                              spec.start_version)
+        else:
+            start = spec.after
+        # Everything committed before the call: history ends here (the feed may not have read it
+        # all yet, so the window's end is not the answer).
+        history_end = await reader.head_position()
+        caught_up = False
+        if spec.include_existing:
+            position = start
+        else:
+            position = history_end
+            caught_up = True
+            yield caught_up_notification(position)
+        last_sent = time.monotonic()
+        # Catch-up pages being read ahead, by the position each reads after.
+        ahead: dict[int, Pending[BatchPage]] = {}
+
+        while True:
+            feed._check_open()
+            if not caught_up and position >= history_end:
+                # History is delivered (or was skipped: from_position beyond the head).
+                caught_up = True
+                yield caught_up_notification(position)
+                last_sent = time.monotonic()
+            if window.covers(position):
+                if ahead:
+                    # Caught up with the window: a page read ahead on a wrong guess is not needed.
+                    ahead.clear()
+                events, reached = window.since(position, READ_PAGE)
+                selected = [e for e in events if selector.matches(e)]
+            elif position < window.start and spec.max_batch > 1:
+                # Behind the window, in batches: one query per batch, encoded in Rust. The next
+                # batches are read while this one is sent (see `_read_ahead`).
+                pending = ahead.pop(position, None)
+                for stale in [p for p in ahead if p < position]:
+                    del ahead[stale]
+                if pending is not None:
+                    page = await pending.result()
+                else:
+                    page = await reader.batch_after(selector, position, spec.max_batch,
+                                                    BATCH_MAX_BYTES)
+                if page.count and selector.stream_id is not None:
+                    selector = Selector(selector.filter, selector.stream_id, page.last_version)
+                _read_ahead(reader, selector, spec, ahead, position, page.reached, window.start)
+                if page.count:
+                    yield batch_body_notification(page.body)
+                    last_sent = time.monotonic()
+                selected, reached = [], page.reached
+            elif position < window.start:
+                # Behind the window: catch up from the database.
+                selected, reached, _ = await reader.events_after(selector, position, READ_PAGE)
+            else:
+                # Ahead of the window (the feed has not read the newest commit yet).
+                if not await feed.wait_beyond(position, interval):
+                    yield checkpoint_notification(position)
+                    last_sent = time.monotonic()
+                continue
+
+            for message in frame(selected, spec.max_batch, BATCH_MAX_BYTES):
+                yield message
+                last_sent = time.monotonic()
+            if selected and selector.stream_id is not None:
+                selector = Selector(selector.filter, selector.stream_id, selected[-1].version)
+            position = reached
+            feed._positions[token] = position
+            if not caught_up and position >= history_end:
+                caught_up = True
+                yield caught_up_notification(position)
+                last_sent = time.monotonic()
+            if window.covers(position) and position == window.end:
+                # Live and idle: wait for the next commit, with heartbeats/checkpoints. (The window
+                # cannot grow unless this task yields, so the wait, or the checkpoint sent when it
+                # times out, is this round's yield to Trio.)
+                remaining = max(0.0, last_sent + interval - time.monotonic())
+                if not await feed.wait_beyond(position, remaining):
+                    yield checkpoint_notification(position)
+                    last_sent = time.monotonic()
+                continue
+            if time.monotonic() - last_sent >= interval:
+                yield checkpoint_notification(position)
+                last_sent = time.monotonic()
+            await trio.lowlevel.checkpoint()
     finally:
         feed._subscribers -= 1
         feed._positions.pop(token, None)
-
-
-async def _subscription(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
-                        token: object) -> AsyncIterator[bytes]:
-    selector = spec.selector
-    window = feed.window
-    assert window is not None
-    interval = min(spec.checkpoint_seconds, HEARTBEAT_SECONDS)
-    # Everything committed before the call: history ends here (the feed may not have read it
-    # all yet, so the window's end is not the answer).
-    history_end = await reader.head_position()
-    caught_up = False
-    if spec.include_existing:
-        position = spec.after
-    else:
-        position = history_end
-        caught_up = True
-        yield caught_up_notification(position)
-    last_sent = time.monotonic()
-    # Catch-up pages being read ahead, by the position each reads after.
-    ahead: dict[int, Pending[BatchPage]] = {}
-
-    while True:
-        feed._check_open()
-        if not caught_up and position >= history_end:
-            # History is delivered (or was skipped: from_position beyond the head).
-            caught_up = True
-            yield caught_up_notification(position)
-            last_sent = time.monotonic()
-        if window.covers(position):
-            if ahead:
-                # Caught up with the window: a page read ahead on a wrong guess is not needed.
-                ahead.clear()
-            events, reached = window.since(position, READ_PAGE)
-            selected = [e for e in events if selector.matches(e)]
-        elif position < window.start and spec.max_batch > 1:
-            # Behind the window, in batches: one query per batch, encoded in Rust. The next
-            # batches are read while this one is sent (see `_read_ahead`).
-            pending = ahead.pop(position, None)
-            for stale in [p for p in ahead if p < position]:
-                del ahead[stale]
-            if pending is not None:
-                page = await pending.result()
-            else:
-                page = await reader.batch_after(selector, position, spec.max_batch,
-                                                BATCH_MAX_BYTES)
-            if page.count and selector.stream_id is not None:
-                selector = Selector(selector.filter, selector.stream_id, page.last_version)
-            _read_ahead(reader, selector, spec, ahead, position, page.reached, window.start)
-            if page.count:
-                yield batch_body_notification(page.body)
-                last_sent = time.monotonic()
-            selected, reached = [], page.reached
-        elif position < window.start:
-            # Behind the window: catch up from the database.
-            selected, reached, _ = await reader.events_after(selector, position, READ_PAGE)
-        else:
-            # Ahead of the window (the feed has not read the newest commit yet).
-            if not await feed.wait_beyond(position, interval):
-                yield checkpoint_notification(position)
-                last_sent = time.monotonic()
-            continue
-
-        for message in frame(selected, spec.max_batch, BATCH_MAX_BYTES):
-            yield message
-            last_sent = time.monotonic()
-        if selected and selector.stream_id is not None:
-            selector = Selector(selector.filter, selector.stream_id, selected[-1].version)
-        position = reached
-        feed._positions[token] = position
-        if not caught_up and position >= history_end:
-            caught_up = True
-            yield caught_up_notification(position)
-            last_sent = time.monotonic()
-        if window.covers(position) and position == window.end:
-            # Live and idle: wait for the next commit, with heartbeats/checkpoints. (The window
-            # cannot grow unless this task yields, so the wait, or the checkpoint sent when it
-            # times out, is this round's yield to Trio.)
-            remaining = max(0.0, last_sent + interval - time.monotonic())
-            if not await feed.wait_beyond(position, remaining):
-                yield checkpoint_notification(position)
-                last_sent = time.monotonic()
-            continue
-        if time.monotonic() - last_sent >= interval:
-            yield checkpoint_notification(position)
-            last_sent = time.monotonic()
-        await trio.lowlevel.checkpoint()
 
 
 # Catch-up pages read ahead of the one being sent, per subscription (each up to
