@@ -150,7 +150,33 @@ class _Connection(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
         return None
 
 
+# A gRPC message's prefix: compressed flag, then length.
+_MESSAGE_PREFIX = struct.Struct(">?I")
+
+
+class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
+    async def send_eagerly(self, data: bytes) -> None:
+        """Send one serialized streaming reply and yield to Trio once (the streaming loops
+        must; purerpc's send path does not while the HTTP/2 window is open).
+
+        A reply that fits the open window goes out as one DATA frame written to the socket by
+        this task (`_EagerSocket.send_now`), without purerpc's message buffer and without
+        waking the connection's writer task; a larger one takes purerpc's path, which splits
+        it and waits for the client to open the window."""
+        connection = self._grpc_connection
+        message = _MESSAGE_PREFIX.pack(False, len(data)) + data
+        if len(message) <= connection.flow_control_window(self._stream_id):
+            connection.send_data(self._stream_id, message)
+        else:
+            await self._send(data)
+        if not await self._socket.send_now():
+            await self._socket.flush()
+            await trio.lowlevel.checkpoint()
+
+
 class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
+    StreamClass = _EagerStream
+
     def __init__(self, config: GRPCConfiguration, stream: Any) -> None:
         super().__init__(config, stream)
         self._grpc_connection = _Connection(config)
@@ -214,7 +240,7 @@ class GrpcServer:
             with trio.CancelScope(shield=True):
                 await byte_stream.aclose()
 
-    async def _request(self, stream: GRPCProtoStream, peer: str,
+    async def _request(self, stream: _EagerStream, peer: str,
                        certificate: Any) -> None:
         try:
             await stream.start_response()
@@ -237,7 +263,7 @@ class GrpcServer:
         except Exception as exc:
             log.debug("gRPC stream ended: %s", type(exc).__name__)
 
-    async def _dispatch(self, stream: GRPCProtoStream, event: RequestReceived,
+    async def _dispatch(self, stream: _EagerStream, event: RequestReceived,
                         method: Method, certificate: Any) -> None:
         started = time.perf_counter()
         code = "OK"
@@ -268,11 +294,7 @@ class GrpcServer:
                 replies = method.stream(bytes(raw), event)
                 try:
                     async for reply in replies:
-                        await stream.send_message(_Serialized(reply))
-                        # purerpc's send path does not yield while the HTTP/2 window is open;
-                        # a send of our own does.
-                        if not await stream._socket.send_now():
-                            await trio.lowlevel.checkpoint()
+                        await stream.send_eagerly(reply)
                 finally:
                     aclose = getattr(replies, "aclose", None)
                     if aclose is not None:
