@@ -50,6 +50,19 @@ EVENT_COLUMNS = (
 )
 
 
+# GetEvents without a snapshot (`Reader._get_events_at_once`): BEGIN, the version, the events
+# up to it (LEAST ignores a NULL `last`: no upper bound asked for), COMMIT.
+_GET_EVENTS_AT_ONCE = (
+    "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;"
+    " SELECT version FROM event_streams WHERE stream_id = %s AND stream_type = %s;"
+    f" COPY (SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = %s AND stream_type = %s"
+    " AND version >= %s AND version <= LEAST(%s::int8, (SELECT version FROM event_streams"
+    " WHERE stream_id = %s AND stream_type = %s)) ORDER BY version LIMIT %s)"
+    " TO STDOUT (FORMAT BINARY);"
+    " COMMIT"
+)
+
+
 def _configure(conn: Conn) -> None:
     conn.autocommit = True
 
@@ -331,6 +344,8 @@ class Reader:
         return BatchPage(body, count, last_version, upper, upper < head)
 
     def _get_events(self, conn: Conn, q: StreamRange) -> bytes:
+        if not q.include_snapshot:
+            return self._get_events_at_once(conn, q)
         reply = pb.GetEventsResponse()
         with conn.cursor() as cur:
             row = cur.execute(
@@ -365,6 +380,43 @@ class Reader:
                 reply.has_more = more
                 if count:
                     first = last_version + 1
+        reply.next_from_version = first
+        return events + reply.SerializeToString()
+
+    def _get_events_at_once(self, conn: Conn, q: StreamRange) -> bytes:
+        """GetEvents without a snapshot in one round trip: the stream's version and its events
+        up to that version, read in one REPEATABLE READ transaction (one snapshot, so the events
+        never go past the version reported, however appends go on)."""
+        text = psycopg.ClientCursor(conn).mogrify(_GET_EVENTS_AT_ONCE, (
+            q.stream_id, q.stream_type,
+            q.stream_id, q.stream_type, q.first, q.last, q.stream_id, q.stream_type,
+            q.limit + 1))
+        pgconn = conn.pgconn
+        pgconn.send_query(text.encode(conn.info.encoding))
+        results: list[pq.abc.PGresult] = []
+        data = b""
+        size = -1
+        while (result := libpq.get_result(pgconn)) is not None:
+            results.append(result)
+            if result.status == pq.ExecStatus.COPY_OUT:
+                data, size = libpq.copy_out(pgconn)
+        failed = next((r for r in results if r.status not in (
+            pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COPY_OUT)), None)
+        if failed is not None or size == -2 or len(results) != 5:
+            if pgconn.transaction_status != pq.TransactionStatus.IDLE:
+                pgconn.exec_(b"ROLLBACK")
+            raise result_error(conn, failed)
+        version_result = results[1]
+        stream_version = int(version_result.get_value(0, 0) or 0) if version_result.ntuples else 0
+        reply = pb.GetEventsResponse(stream_version=stream_version)
+        first = q.first
+        events = b""
+        if data:
+            events, count, last_version, _, more = encode_events(
+                data, q.limit, self._settings.read_reply_max_bytes)
+            reply.has_more = more
+            if count:
+                first = last_version + 1
         reply.next_from_version = first
         return events + reply.SerializeToString()
 
