@@ -50,16 +50,12 @@ EVENT_COLUMNS = (
 )
 
 
-# GetEvents without a snapshot (`Reader._get_events_at_once`): BEGIN, the version, the events
-# up to it (LEAST ignores a NULL `last`: no upper bound asked for), COMMIT.
-_GET_EVENTS_AT_ONCE = (
-    "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;"
-    " SELECT version FROM event_streams WHERE stream_id = %s AND stream_type = %s;"
-    f" COPY (SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = %s AND stream_type = %s"
+# GetEvents without a snapshot (`Reader._get_events_at_once`): the stream's events up to the
+# version its row has in the same snapshot (LEAST ignores a NULL upper bound: none asked for).
+_STREAM_EVENTS_UP_TO_ITS_VERSION = (
+    f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = %s AND stream_type = %s"
     " AND version >= %s AND version <= LEAST(%s::int8, (SELECT version FROM event_streams"
-    " WHERE stream_id = %s AND stream_type = %s)) ORDER BY version LIMIT %s)"
-    " TO STDOUT (FORMAT BINARY);"
-    " COMMIT"
+    " WHERE stream_id = %s AND stream_type = %s)) ORDER BY version LIMIT %s"
 )
 
 
@@ -293,34 +289,78 @@ class Reader:
             raise result_error(conn, final)
         return data
 
+    @staticmethod
+    def _in_one_snapshot(conn: Conn, select: str, query: sql.Composable,
+                         params: tuple[object, ...]) -> tuple[pq.abc.PGresult, bytes]:
+        """`select`'s result and the binary COPY output of `query`, in one round trip and one
+        REPEATABLE READ snapshot (so what the COPY reads agrees with what `select` saw, however
+        appends go on). `params` are `select`'s, then `query`'s."""
+        statement = sql.SQL(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; {}; COPY ({}) TO STDOUT"
+            " (FORMAT BINARY); COMMIT").format(sql.SQL(select), query)
+        text = psycopg.ClientCursor(conn).mogrify(statement, params)
+        pgconn = conn.pgconn
+        pgconn.send_query(text.encode(conn.info.encoding))
+        results: list[pq.abc.PGresult] = []
+        data = b""
+        size = -1
+        while (result := libpq.get_result(pgconn)) is not None:
+            results.append(result)
+            if result.status == pq.ExecStatus.COPY_OUT:
+                data, size = libpq.copy_out(pgconn)
+        failed = next((r for r in results if r.status not in (
+            pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COPY_OUT)), None)
+        # BEGIN, the select, the COPY (started, then done), COMMIT.
+        if failed is not None or size == -2 or len(results) != 5:
+            if pgconn.transaction_status != pq.TransactionStatus.IDLE:
+                pgconn.exec_(b"ROLLBACK")
+            raise result_error(conn, failed)
+        return results[1], data
+
     def _select_after(self, conn: Conn, selector: Selector, after: int, limit: int,
                       known_head: int | None = None) -> tuple[bytes, int, int]:
         """COPY output of up to limit + 1 selected events after `after`, the position the
         query covered up to, and the head (or `known_head`, when given)."""
-        head = self._head(conn) if known_head is None else known_head
-        if head <= after:
-            return b"", after, head
-        where: list[sql.Composable] = [sql.SQL("position > %s AND position <= %s")]
-        params: list[object] = [after]
+        if known_head is not None and known_head <= after:
+            return b"", after, known_head
+        # The bound: the head when known; otherwise the head the COPY's own snapshot sees
+        # (read in the same round trip, see below). A filtered read also stops after a window.
+        window = (None if selector.stream_id is not None or selector.filter.empty
+                  else after + self._settings.read_all_scan_window)
+        if known_head is None:
+            bound = sql.SQL("LEAST(%s::int8, (SELECT coalesce(max(position), 0) FROM events))")
+            bound_params: list[object] = [window]
+        else:
+            bound = sql.SQL("%s")
+            bound_params = [known_head if window is None else min(known_head, window)]
+        where: list[sql.Composable] = [
+            sql.SQL("position > %s AND position <= {}").format(bound)]
+        params: list[object] = [after, *bound_params]
         order = sql.SQL("position")
         if selector.stream_id is not None:
             # One stream: its version index bounds the scan, whatever the history's size.
-            upper = head
-            params.append(upper)
             where.append(sql.SQL("stream_id = %s AND stream_type = %s AND version > %s"))
             params += [selector.stream_id, selector.filter.stream_types[0],
                        selector.after_version]
             order = sql.SQL("version")
         else:
-            upper = head if selector.filter.empty else min(
-                head, after + self._settings.read_all_scan_window)
-            params.append(upper)
             _add_filter(selector.filter, where, params)
         params.append(limit + 1)
         query = sql.SQL("SELECT {} FROM events WHERE {} ORDER BY {} LIMIT %s").format(
             sql.SQL(EVENT_COLUMNS), sql.SQL(" AND ").join(where), order)
-        with conn.cursor() as cur:
-            return self._copy_rows(cur, query, tuple(params)), upper, head
+        if known_head is None:
+            # Positions become visible in order, so everything up to the snapshot's head is
+            # committed: the head and the rows come from one snapshot, in one round trip.
+            result, data = self._in_one_snapshot(
+                conn, "SELECT coalesce(max(position), 0) FROM events", query, tuple(params))
+            head = int(result.get_value(0, 0) or 0)
+        else:
+            head = known_head
+            with conn.cursor() as cur:
+                data = self._copy_rows(cur, query, tuple(params))
+        if head <= after:
+            return b"", after, head
+        return data, head if window is None else min(head, window), head
 
     def _events_after(self, conn: Conn, selector: Selector, after: int, limit: int,
                       known_head: int | None = None) -> tuple[list[LiveEvent], int, bool]:
@@ -387,26 +427,11 @@ class Reader:
         """GetEvents without a snapshot in one round trip: the stream's version and its events
         up to that version, read in one REPEATABLE READ transaction (one snapshot, so the events
         never go past the version reported, however appends go on)."""
-        text = psycopg.ClientCursor(conn).mogrify(_GET_EVENTS_AT_ONCE, (
-            q.stream_id, q.stream_type,
-            q.stream_id, q.stream_type, q.first, q.last, q.stream_id, q.stream_type,
-            q.limit + 1))
-        pgconn = conn.pgconn
-        pgconn.send_query(text.encode(conn.info.encoding))
-        results: list[pq.abc.PGresult] = []
-        data = b""
-        size = -1
-        while (result := libpq.get_result(pgconn)) is not None:
-            results.append(result)
-            if result.status == pq.ExecStatus.COPY_OUT:
-                data, size = libpq.copy_out(pgconn)
-        failed = next((r for r in results if r.status not in (
-            pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COPY_OUT)), None)
-        if failed is not None or size == -2 or len(results) != 5:
-            if pgconn.transaction_status != pq.TransactionStatus.IDLE:
-                pgconn.exec_(b"ROLLBACK")
-            raise result_error(conn, failed)
-        version_result = results[1]
+        version_result, data = self._in_one_snapshot(
+            conn, "SELECT version FROM event_streams WHERE stream_id = %s AND stream_type = %s",
+            sql.SQL(_STREAM_EVENTS_UP_TO_ITS_VERSION),
+            (q.stream_id, q.stream_type, q.stream_id, q.stream_type, q.first, q.last,
+             q.stream_id, q.stream_type, q.limit + 1))
         stream_version = int(version_result.get_value(0, 0) or 0) if version_result.ntuples else 0
         reply = pb.GetEventsResponse(stream_version=stream_version)
         first = q.first
