@@ -497,6 +497,43 @@ async def test_filters_over_history_and_live(kind: str, server: ServerInfo) -> N
         assert not hidden.events and hidden.checkpoints[-1][2] >= stored[-1].position
 
 
+async def test_a_large_small_batch_is_written_and_handed_to_subscribers(
+        server: ServerInfo) -> None:
+    """While someone subscribes, a batch of up to 64 events and 256 KiB is inserted and read
+    back in the COMMIT's own call: the largest batch that takes that path, end to end. (Its
+    query text is about as large as a loopback socket takes at once; tests/test_libpq.py
+    checks, with a small socket buffer, that a query is sent whole before the writer waits
+    for its answer.)"""
+    acks = Acks()
+    stream_id = str(uuid.uuid4())
+    blob = "x" * 3900
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            result: list[Sub] = []
+
+            async def run() -> None:
+                result.append(await collect(
+                    "purerpc", server.port, "SubscribeToAll",
+                    pb.SubscribeAllRequest(filter=pb.Filter(stream_types=["Bulky"])),
+                    has_events(64), "bulky"))
+
+            nursery.start_soon(run)
+            for _ in range(2000):
+                if server.feed.subscribers:  # type: ignore[attr-defined]
+                    break
+                await trio.sleep(0.01)
+            async with PurerpcClient.connect(server.port) as client:
+                reply = await client.call("AppendEvents", pb.AppendEventsRequest(
+                    stream_id=stream_id, stream_type="Bulky",
+                    events=[pb.NewEvent(event_type="Big", data=orjson.dumps({"i": i, "s": blob}))
+                            for i in range(64)]))
+                acks.add(Ack(stream_id, "Bulky", tuple(reply.event_ids), reply.first_position,
+                             reply.last_position))
+    sub, = result
+    assert [e.version for e in sub.events] == list(range(1, 65))
+    assert [e.event_id for e in sub.events] == list(acks.items[0].event_ids)
+
+
 async def test_catch_up_reading_ahead_with_uneven_pages(nursery: trio.Nursery,
                                                         database_url: str) -> None:
     """A catch-up from the database reads its next pages while sending one, guessing where the

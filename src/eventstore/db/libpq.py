@@ -25,9 +25,28 @@ def wait_readable(pgconn: pq.abc.PGconn) -> None:
     pgconn.consume_input()
 
 
+def send_query(pgconn: pq.abc.PGconn, query: bytes) -> None:
+    """`PQsendQuery`, and then all of the query sent: psycopg's connections are nonblocking,
+    so libpq keeps what the socket does not take at once, and PostgreSQL answers only once it
+    has the whole query (waiting for the answer first would wait forever)."""
+    pgconn.send_query(query)
+    flush(pgconn)
+
+
+def flush(pgconn: pq.abc.PGconn) -> None:
+    """Send what libpq still holds, waiting (GIL released) for the socket to take it; input
+    that arrives meanwhile is read into libpq's buffer."""
+    while pgconn.flush():
+        poller = select.poll()
+        poller.register(pgconn.socket, _READ | select.POLLOUT)
+        if any(events & _READ for _, events in poller.poll()):
+            pgconn.consume_input()
+
+
 def get_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
     """`PQgetResult` once the result is complete (None: no more results). Call after
     `send_query` (or a COPY's end) as `PQgetResult` would be."""
+    flush(pgconn)
     while pgconn.is_busy():
         wait_readable(pgconn)
     return pgconn.get_result()

@@ -300,7 +300,7 @@ class Reader:
             " (FORMAT BINARY); COMMIT").format(sql.SQL(select), query)
         text = psycopg.ClientCursor(conn).mogrify(statement, params)
         pgconn = conn.pgconn
-        pgconn.send_query(text.encode(conn.info.encoding))
+        libpq.send_query(pgconn, text.encode(conn.info.encoding))
         results: list[pq.abc.PGresult] = []
         data = b""
         size = -1

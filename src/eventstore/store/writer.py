@@ -585,7 +585,7 @@ def _exec_all(conn: psycopg.Connection[TupleRow], query: str, params: tuple[obje
     error after it cannot undo it: the results are returned)."""
     text = psycopg.ClientCursor(conn).mogrify(query, params)
     pgconn = conn.pgconn
-    pgconn.send_query(text.encode(conn.info.encoding))
+    libpq.send_query(pgconn, text.encode(conn.info.encoding))
     results: list[pq.abc.PGresult] = []
     failed: pq.abc.PGresult | None = None
     while (result := libpq.get_result(pgconn)) is not None:
