@@ -64,12 +64,18 @@ json_scalars = st.one_of(
     st.floats(min_value=-1e15, max_value=1e15, allow_nan=False, allow_infinity=False),
     st.text(unicode_chars, max_size=40),
 )
-json_values = st.recursive(
-    json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(unicode_chars, max_size=12), children, max_size=4),
-    max_leaves=12,
-)
+
+
+def json_containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(children, max_size=4) | st.dictionaries(
+        st.text(unicode_chars, max_size=12), children, max_size=4)
+
+
+# A named function, not a lambda: to describe a lambda (which hypothesis does when a draw
+# exceeds max_leaves) it parses the lambda's source, and CPython 3.11.7's ast.parse, called
+# deep in a recursive draw, can fail with "AST constructor recursion depth mismatch" — which
+# made this test fail once in CI with a FlakyStrategyDefinition.
+json_values = st.recursive(json_scalars, json_containers, max_leaves=12)
 json_objects = st.dictionaries(st.text(unicode_chars, max_size=12), json_values, max_size=5)
 
 
