@@ -588,13 +588,25 @@ def _exec_all(conn: psycopg.Connection[TupleRow], query: str, params: tuple[obje
     libpq.send_query(pgconn, text.encode(conn.info.encoding))
     results: list[pq.abc.PGresult] = []
     failed: pq.abc.PGresult | None = None
-    while (result := libpq.get_result(pgconn)) is not None:
+
+    def committed() -> bool:
+        return any(r.status == pq.ExecStatus.COMMAND_OK and r.command_status == b"COMMIT"
+                   for r in results)
+
+    while True:
+        try:
+            result = libpq.get_result(pgconn)
+        except psycopg.OperationalError:
+            # The connection went away. If COMMIT's answer had already arrived, it stands.
+            if committed():
+                break
+            raise
+        if result is None:
+            break
         if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
             failed = failed or result
         results.append(result)
-    committed = any(r.status == pq.ExecStatus.COMMAND_OK and r.command_status == b"COMMIT"
-                    for r in results)
-    if committed:
+    if committed():
         if failed is not None:
             log.warning("an error arrived after COMMIT succeeded: %s",
                         (failed.error_message or b"").decode(errors="replace").strip())
