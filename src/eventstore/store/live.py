@@ -162,7 +162,8 @@ def _position_message(position: int) -> bytes:
 
 
 def batch_notification(events: list[LiveEvent]) -> bytes:
-    return _field(_BATCH, b"".join(_field(_EVENT, e.data) for e in events))
+    # EventBatch.events is field 1 too: each event's own notification is its batch entry.
+    return _field(_BATCH, b"".join(e.notification for e in events))
 
 
 def batch_body_notification(body: bytes) -> bytes:

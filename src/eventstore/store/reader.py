@@ -387,6 +387,7 @@ class Reader:
         if not q.include_snapshot:
             return self._get_events_at_once(conn, q)
         reply = pb.GetEventsResponse()
+        data = b""
         with conn.cursor() as cur:
             row = cur.execute(
                 "SELECT version FROM event_streams WHERE stream_id = %s AND stream_type = %s",
@@ -397,13 +398,10 @@ class Reader:
             # Never past the version read above: the snapshot and the events agree with
             # stream_version, even while appends and snapshot saves go on.
             last = reply.stream_version if q.last is None else min(q.last, reply.stream_version)
-            if q.include_snapshot:
-                snapshot = latest_snapshot(conn, q.stream_id, q.stream_type, last)
-                if snapshot is not None:
-                    reply.snapshot.CopyFrom(snapshot_message(snapshot))
-                    first = max(first, snapshot.version + 1)
-            events = b""
-            count = 0
+            snapshot = latest_snapshot(conn, q.stream_id, q.stream_type, last)
+            if snapshot is not None:
+                reply.snapshot.CopyFrom(snapshot_message(snapshot))
+                first = max(first, snapshot.version + 1)
             if reply.stream_version and first <= last:
                 data = self._copy_rows(
                     cur,
@@ -414,14 +412,7 @@ class Reader:
                     ),
                     (q.stream_id, q.stream_type, first, last, q.limit + 1),
                 )
-                events, count, last_version, _, more = encode_events(
-                    data, q.limit, self._settings.read_reply_max_bytes
-                )
-                reply.has_more = more
-                if count:
-                    first = last_version + 1
-        reply.next_from_version = first
-        return events + reply.SerializeToString()
+        return self._events_reply(reply, data, first, q)
 
     def _get_events_at_once(self, conn: Conn, q: StreamRange) -> bytes:
         """GetEvents without a snapshot in one round trip: the stream's version and its events
@@ -433,8 +424,13 @@ class Reader:
             (q.stream_id, q.stream_type, q.stream_id, q.stream_type, q.first, q.last,
              q.stream_id, q.stream_type, q.limit + 1))
         stream_version = int(version_result.get_value(0, 0) or 0) if version_result.ntuples else 0
-        reply = pb.GetEventsResponse(stream_version=stream_version)
-        first = q.first
+        return self._events_reply(pb.GetEventsResponse(stream_version=stream_version), data,
+                                  q.first, q)
+
+    def _events_reply(self, reply: pb.GetEventsResponse, data: bytes, first: int,
+                      q: StreamRange) -> bytes:
+        """The serialized GetEventsResponse: `reply` (version, snapshot) with the events of
+        `data` (COPY output read from version `first` on), paging fields set."""
         events = b""
         if data:
             events, count, last_version, _, more = encode_events(
