@@ -225,14 +225,14 @@ def test_encode_copy_is_accepted_and_read_back_equal(pg_cluster: PgCluster) -> N
 
 
 def test_small_batch_insert_stores_what_copy_stores(pg_cluster: PgCluster) -> None:
-    """The writer inserts small batches with one INSERT from arrays bound client-side (in the
-    COMMIT's round trip) and larger ones by binary COPY: both must store the same rows, byte
-    for byte, whatever the text (quotes, backslashes, "NULL", any Unicode)."""
-    from eventstore.store.writer import _INSERT_EVENTS, _exec, _insert_parameters
+    """The writer inserts small batches with one INSERT … VALUES written by the Rust extension
+    (in the COMMIT's round trip) and larger ones by binary COPY: both must store the same rows,
+    byte for byte, whatever the text (quotes, backslashes, "NULL", any Unicode), and whatever
+    the server's standard_conforming_strings."""
+    from eventstore.store.writer import _exec
 
     with scratch_table(pg_cluster) as conn:
         conn.execute("CREATE TEMP TABLE tmp2 (LIKE events)")
-        insert = _INSERT_EVENTS.replace("INSERT INTO events ", "INSERT INTO tmp2 ")
         text_columns = COLUMNS.replace("data,", "data::text,").replace(
             "metadata,", "metadata::text,")
         tricky = st.sampled_from(["NULL", "null", '"', "\\", "'", "{}", "\\u0000x", "a,b"])
@@ -244,9 +244,10 @@ def test_small_batch_insert_stores_what_copy_stores(pg_cluster: PgCluster) -> No
             version_seeds=st.lists(st.integers(1, 2**40), min_size=4, max_size=4),
             first_position=st.integers(1, 2**62),
             created_at=created_ats,
+            conforming=st.booleans(),
         )
         def check(batch: list[RequestSpec], data: list[Any], version_seeds: list[int],
-                  first_position: int, created_at: int) -> None:
+                  first_position: int, created_at: int, conforming: bool) -> None:
             # Any JSON value as data (batches() draws objects): null, strings, arrays.
             values = iter(data)
             batch = [RequestSpec(spec.stream_id, spec.stream_type, tuple(
@@ -260,8 +261,14 @@ def test_small_batch_insert_stores_what_copy_stores(pg_cluster: PgCluster) -> No
                 f"COPY tmp ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
             ) as copy:
                 copy.write(codec.encode_copy(parsed, firsts, first_position, created_at))
-            _exec(conn, insert, _insert_parameters(list(zip(parsed, firsts, strict=True)),
-                                                   first_position, to_datetime(created_at)))
+            insert = codec.insert_sql(parsed, firsts, first_position,
+                                      to_datetime(created_at).isoformat())
+            assert insert.startswith("INSERT INTO events ")
+            conn.execute(f"SET standard_conforming_strings = {'on' if conforming else 'off'}")
+            try:
+                _exec(conn, "INSERT INTO tmp2 " + insert.removeprefix("INSERT INTO events "))
+            finally:
+                conn.execute("SET standard_conforming_strings = on")
             by_copy = conn.execute(f"SELECT {text_columns} FROM tmp ORDER BY position")
             by_insert = conn.execute(f"SELECT {text_columns} FROM tmp2 ORDER BY position")
             assert by_insert.fetchall() == by_copy.fetchall()
@@ -273,7 +280,7 @@ def test_committed_rows_read_back_equal_copy_output(pg_cluster: PgCluster) -> No
     """The writer reads its small commits back for the live feed with one SELECT that builds
     binary COPY tuples (`_ROWS`); subscribers must get the very bytes a reader gets from
     COPY TO STDOUT, or live and catch-up deliveries of one event would differ."""
-    from eventstore.store.writer import _ROWS, COPY_HEADER, COPY_TRAILER, _exec_all
+    from eventstore.store.writer import _ROWS, COPY_HEADER, COPY_TRAILER, _bind, _exec_all
 
     with scratch_table(pg_cluster) as conn:
         rows_query = _ROWS.replace("FROM events ", "FROM tmp ")
@@ -298,7 +305,8 @@ def test_committed_rows_read_back_equal_copy_output(pg_cluster: PgCluster) -> No
             conn.execute("INSERT INTO tmp SELECT * FROM tmp WHERE position = %s", (first_position,))
             conn.execute("UPDATE tmp SET position = %s, event_id = gen_random_uuid()"
                          " WHERE ctid = (SELECT max(ctid) FROM tmp)", (first_position + count,))
-            (result,) = _exec_all(conn, rows_query, (first_position, first_position + count - 1))
+            (result,) = _exec_all(
+                conn, _bind(conn, rows_query, (first_position, first_position + count - 1)))
             body = result.get_value(0, 0)  # text: \x and hex digits
             assert body is not None and body.startswith(b"\\x")
             assert COPY_HEADER + bytes.fromhex(body[2:].decode()) + COPY_TRAILER == expected

@@ -34,6 +34,7 @@ from eventstore.store.batching import (
     Reused,
     StoredEvent,
     classify_stored,
+    guess_versions,
     take_batch,
 )
 from eventstore.store.live import (
@@ -78,6 +79,29 @@ def test_take_batch_stops_before_a_request_sharing_a_client_id() -> None:
     batch = take_batch(queue, max_events=100, max_bytes=10_000)
     assert [r.client_event_ids for r in batch] == [["a"], ["b"]]
     assert len(queue) == 2
+
+
+@dataclass
+class Aimed:
+    stream_id: str
+    expected_version: int | None
+    stream_type: str = "T"
+
+
+def test_guess_versions_from_what_the_writer_saw_else_from_the_first_request() -> None:
+    keys = {("a", "T"): 0, ("b", "T"): 1}
+    # Known versions win over what clients expect; an unseen stream takes the expectation of
+    # the batch's first request on it (later ones are decided on top of that).
+    assert guess_versions(keys, [Aimed("a", 9), Aimed("b", 4), Aimed("b", 0)],
+                          {("a", "T"): 2}) == [2, 4]
+    assert guess_versions(keys, [Aimed("a", 0), Aimed("b", 0)], {}) == [0, 0]
+    # An unseen stream appended at any version, or "must exist", names no version.
+    assert guess_versions(keys, [Aimed("a", 1), Aimed("b", None)], {}) is None
+    assert guess_versions(keys, [Aimed("a", 1), Aimed("b", -1)], {}) is None
+    assert guess_versions(keys, [Aimed("a", None), Aimed("b", -1)],
+                          {("a", "T"): 1, ("b", "T"): 7}) == [1, 7]
+    # Stream types are part of the key.
+    assert guess_versions({("a", "U"): 0}, [Aimed("a", 3, "U")], {("a", "T"): 5}) == [3]
 
 
 def stored(event_id: str, version: int, position: int, stream: str = "s",

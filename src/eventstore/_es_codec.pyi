@@ -15,6 +15,7 @@ __all__ = [
     "encode_copy",
     "encode_event_list",
     "encode_events",
+    "insert_sql",
 ]
 
 class InvalidRequest(ValueError):
@@ -110,6 +111,18 @@ def encode_copy(
     positions from ``first_position``. ``created_at_us``: microseconds since
     2000-01-01 00:00 UTC. Raises ValueError on mismatched lengths, a version or position
     below 1, or int64 overflow.
+    """
+
+def insert_sql(
+    requests: Sequence[AppendRequest],
+    first_versions: Sequence[int],
+    first_position: int,
+    created_at: str,
+) -> str:
+    """``INSERT INTO events (…) VALUES (…), …;`` storing every event of ``requests``, with
+    the versions and positions of ``encode_copy`` and ``created_at`` (the text of a
+    timestamptz literal) for every row. Text values are ``E'…'`` constants. Raises ValueError
+    as ``encode_copy`` does, and for a batch without events.
     """
 
 def encode_events(

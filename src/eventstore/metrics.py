@@ -27,6 +27,11 @@ class Metrics:
         self.batch_requests = Histogram(
             "eventstore_append_batch_requests", "Requests per group-committed transaction.",
             buckets=_BATCH_BUCKETS, registry=r)
+        self.append_guesses = Counter(
+            "eventstore_append_guesses_total",
+            "One-round-trip commits tried, by outcome: hit (committed) or miss (the store had "
+            "moved, e.g. another server process appended; the batch was committed the usual "
+            "way).", ["outcome"], registry=r)
         self.commit_seconds = Histogram(
             "eventstore_append_commit_seconds",
             "Time to commit one batch (lock to COMMIT, retries included).",

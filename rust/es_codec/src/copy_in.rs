@@ -192,26 +192,11 @@ pub fn encode(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::Limits;
-    use crate::testutil::{AppendEventsRequest, NewEvent};
-
-    const STREAM: &str = "6f9b1c2d-3e4f-4051-8263-748596a7b8c9";
-    const LIMITS: Limits = Limits {
-        max_events: 100,
-        max_event_bytes: 1 << 20,
-    };
+    use crate::testutil::parsed_request;
 
     fn request(events: &[(&str, &str, &str)]) -> AppendRequest {
-        let r = AppendEventsRequest {
-            stream_id: STREAM.into(),
-            stream_type: b"order".to_vec(),
-            events: events
-                .iter()
-                .map(|(t, d, m)| NewEvent::new("", t, d, m))
-                .collect(),
-            expected_version: None,
-        };
-        AppendRequest::parse(&r.encode(), LIMITS).unwrap()
+        let events: Vec<_> = events.iter().map(|&(t, d, m)| ("", t, d, m)).collect();
+        parsed_request("order", &events)
     }
 
     #[test]

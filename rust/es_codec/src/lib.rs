@@ -10,6 +10,7 @@
 //! * [`proto`]: the protobuf wire format of the messages on the hot path;
 //! * [`versions`]: the optimistic-concurrency check of a batch of appends;
 //! * [`copy_in`]: the binary COPY payload that inserts a batch of events;
+//! * [`insert_sql`]: the same as one `INSERT … VALUES` (a small batch, in one round trip);
 //! * [`copy_out`]: binary COPY output of the events query to serialized `Event`s.
 
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@
 
 pub mod copy_in;
 pub mod copy_out;
+pub mod insert_sql;
 pub mod json;
 pub mod out;
 pub mod proto;

@@ -249,6 +249,20 @@ fn encode_copy<'py>(
     })
 }
 
+/// `INSERT INTO events … VALUES …;` storing every event of `requests` (a small batch).
+#[pyfunction]
+#[allow(clippy::needless_pass_by_value)] // PyO3 can only extract a list into an owned Vec.
+fn insert_sql(
+    requests: Vec<Bound<'_, PyAppendRequest>>,
+    first_versions: Vec<i64>,
+    first_position: i64,
+    created_at: &str,
+) -> PyResult<String> {
+    let reqs: Vec<&AppendRequest> = requests.iter().map(|r| &r.get().inner).collect();
+    crate::insert_sql::insert_sql(&reqs, &first_versions, first_position, created_at)
+        .map_err(value_error)
+}
+
 /// A page of events from binary COPY output, as repeated field-1 `Event`s.
 #[pyfunction]
 fn encode_events<'py>(
@@ -317,6 +331,7 @@ fn es_codec_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyAppendRequest>()?;
     m.add_function(wrap_pyfunction!(check_versions, m)?)?;
     m.add_function(wrap_pyfunction!(encode_copy, m)?)?;
+    m.add_function(wrap_pyfunction!(insert_sql, m)?)?;
     m.add_function(wrap_pyfunction!(encode_events, m)?)?;
     m.add_function(wrap_pyfunction!(encode_event_list, m)?)?;
     Ok(())

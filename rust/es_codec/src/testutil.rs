@@ -154,3 +154,28 @@ pub fn escape_all(s: &str) -> String {
     out.push('"');
     out
 }
+
+/// A stream id for tests that need one.
+pub const STREAM: &str = "6f9b1c2d-3e4f-4051-8263-748596a7b8c9";
+
+/// A parsed request on [`STREAM`] with `events` as (event id, type, data, metadata); an
+/// empty id is generated, empty metadata is none.
+pub fn parsed_request(
+    stream_type: &str,
+    events: &[(&str, &str, &str, &str)],
+) -> crate::request::AppendRequest {
+    let r = AppendEventsRequest {
+        stream_id: STREAM.into(),
+        stream_type: stream_type.as_bytes().to_vec(),
+        events: events
+            .iter()
+            .map(|(id, t, d, m)| NewEvent::new(id, t, d, m))
+            .collect(),
+        expected_version: None,
+    };
+    let limits = crate::request::Limits {
+        max_events: 100,
+        max_event_bytes: 1 << 20,
+    };
+    crate::request::AppendRequest::parse(&r.encode(), limits).unwrap()
+}

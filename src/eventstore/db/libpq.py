@@ -43,6 +43,27 @@ def flush(pgconn: pq.abc.PGconn) -> None:
             pgconn.consume_input()
 
 
+def put_copy(pgconn: pq.abc.PGconn, data: bytes, chunk: int = 1 << 20) -> None:
+    """Send `data` as a COPY FROM STDIN's whole input and end it (call once `get_result` has
+    returned the COPY_IN result). On a nonblocking connection libpq refuses data while its
+    buffer is full (`PQputCopyData` answers 0): then wait for the socket, as `flush` does."""
+    view = memoryview(data)
+    for start in range(0, len(view), chunk):
+        while not pgconn.put_copy_data(view[start:start + chunk]):
+            _wait_writable(pgconn)
+    while not pgconn.put_copy_end():
+        _wait_writable(pgconn)
+    flush(pgconn)
+
+
+def _wait_writable(pgconn: pq.abc.PGconn) -> None:
+    poller = select.poll()
+    poller.register(pgconn.socket, _READ | select.POLLOUT)
+    if any(events & _READ for _, events in poller.poll()):
+        pgconn.consume_input()
+    pgconn.flush()
+
+
 def get_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
     """`PQgetResult` once the result is complete (None: no more results). Call after
     `send_query` (or a COPY's end) as `PQgetResult` would be."""

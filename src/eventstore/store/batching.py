@@ -101,3 +101,38 @@ def classify_stored(event_ids: Sequence[str], stream_id: str, stream_type: str,
             )
     return Retry(first.version, first.position)
 
+
+
+class Guessable(Protocol):
+    @property
+    def stream_id(self) -> str: ...
+    @property
+    def stream_type(self) -> str: ...
+    @property
+    def expected_version(self) -> int | None: ...
+
+
+def guess_versions(keys: dict[tuple[str, str], int], requests: Sequence[Guessable],
+                   known: dict[tuple[str, str], int]) -> list[int] | None:
+    """The current version of each of a batch's streams (`keys`: stream → its index), as the
+    writer expects it to be without asking PostgreSQL, or None when it cannot tell.
+
+    A stream's version is what the writer last saw (`known`) or, for a stream it has not seen,
+    the expected version of the batch's first request on it, when that names one (0 or N):
+    a client that states a version is usually right. "Any version" (absent) and "must exist"
+    (-1) name none. A wrong guess costs one round trip (the guard refuses it), never a wrong
+    answer.
+    """
+    guessed: list[int | None] = [None] * len(keys)
+    for key, index in keys.items():
+        guessed[index] = known.get(key)
+    for request in requests:
+        index = keys[(request.stream_id, request.stream_type)]
+        if guessed[index] is None:
+            expected = request.expected_version
+            if expected is None or expected < 0:
+                return None
+            guessed[index] = expected
+    if any(version is None for version in guessed):
+        return None
+    return [version for version in guessed if version is not None]

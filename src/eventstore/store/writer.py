@@ -14,10 +14,19 @@ it in one transaction:
 4. the current versions of the batch's streams, checked by the Rust extension request by
    request (a later request on the same stream sees the earlier ones);
 5. the accepted events with dense positions: one binary COPY built by the Rust extension, or
-   for a small batch an INSERT from arrays sent together with step 6;
+   for a small batch one INSERT … VALUES whose text the extension writes;
 6. the streams' new versions, NOTIFY, COMMIT.
 
-Steps 1-4 are one round trip and step 6 another, each one libpq call (see `_BEGIN`).
+Steps 1-4 are one round trip, and steps 5-6 another (one query string; a COPY's rows are
+streamed in the middle of it).
+
+When the writer can tell the head position and the batch's streams' versions without asking
+(it remembers what its own commits left, and a client that states an expected version is
+usually right), steps 2-4 become a guard in the same query string as steps 5-6: the whole
+transaction is one round trip. The guard (`eventstore_expect`, migration 002) aborts it before
+anything is written when the store is not as expected (another server process appended, or a
+guess was wrong); the batch is then committed the usual way, and after repeated misses the
+writer stops guessing for a while.
 
 Each request gets its own outcome: a conflict or a bad payload in one request never fails
 another. A lost connection is retried on a new one; when it is lost during COMMIT the outcome is
@@ -29,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,7 +48,7 @@ import trio
 from psycopg import pq
 from psycopg.rows import TupleRow
 
-from eventstore._es_codec import AppendRequest, check_versions, encode_copy
+from eventstore._es_codec import AppendRequest, check_versions, encode_copy, insert_sql
 from eventstore.config import Settings
 from eventstore.db import libpq
 from eventstore.db.connection import connect
@@ -51,7 +60,14 @@ from eventstore.errors import (
     WrongExpectedVersion,
 )
 from eventstore.metrics import Metrics
-from eventstore.store.batching import Retry, Reused, StoredEvent, classify_stored, take_batch
+from eventstore.store.batching import (
+    Retry,
+    Reused,
+    StoredEvent,
+    classify_stored,
+    guess_versions,
+    take_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +93,27 @@ _BEGIN = (
     " FROM event_streams s JOIN unnest(%s::uuid[], %s::text[]) AS k(id, t)"
     " ON s.stream_id = k.id AND s.stream_type = k.t)"
 )
+# The one-round-trip commit's steps 1-4: BEGIN, the lock, and the guard that the head and
+# the streams' versions are the ones the batch was decided on.
+_GUARDED_BEGIN = (
+    "BEGIN; SELECT pg_advisory_xact_lock(%s);"
+    " SELECT eventstore_expect((SELECT coalesce(max(position), 0) FROM events) = %s"
+    " AND NOT EXISTS (SELECT FROM unnest(%s::uuid[], %s::text[], %s::int8[]) AS k(id, t, v)"
+    " WHERE coalesce((SELECT s.version FROM event_streams s"
+    " WHERE s.stream_id = k.id AND s.stream_type = k.t), 0) <> k.v),"
+    " 'head position or stream versions moved');"
+)
+STALE_SQLSTATE = "ES001"
+# How many versions the writer remembers, and how many batches it commits the usual way after
+# a guess proved wrong (doubling while guesses keep failing).
+KNOWN_VERSIONS_MAX = 65_536
+GUESS_BACKOFF_MAX = 256
 _STORED_IDS = (
     "SELECT event_id::text, stream_id::text, stream_type, version, position"
     " FROM events WHERE event_id = ANY(%s::uuid[])"
 )
-# Small batches' events go in the COMMIT's round trip; larger ones by binary COPY before it
-# (cheaper per event, but two round trips of its own).
-_INSERT_EVENTS = (
-    "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, data, metadata,"
-    " position, created_at) SELECT k.*, %s FROM unnest(%s::uuid[], %s::uuid[], %s::text[],"
-    " %s::int8[], %s::text[], %s::jsonb[], %s::jsonb[], %s::int8[]) AS k;"
-)
+# Small batches' events go in the COMMIT's round trip, as one INSERT … VALUES whose text the
+# Rust extension writes (`insert_sql`); larger ones by binary COPY, in the same query string.
 INSERT_MAX_EVENTS = 64
 INSERT_MAX_BYTES = 256 * 1024
 # The streams' new versions, the wake-up of other server processes' live feeds (once per
@@ -123,7 +149,7 @@ COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 COPY_TRAILER = b"\xff\xff"
 COPY_EVENTS = (
     "COPY events (event_id, stream_id, stream_type, version, event_type, data, metadata,"
-    " created_at, position) FROM STDIN (FORMAT BINARY)"
+    " created_at, position) FROM STDIN (FORMAT BINARY);"
 )
 
 Outcome = bytes | EventStoreError
@@ -168,6 +194,10 @@ class _StoredIdsMet(Exception):
     """The COPY met an event id that is already stored."""
 
 
+class _Stale(Exception):
+    """The one-round-trip commit's guard found the store not as the writer expected."""
+
+
 class AppendWriter:
     """Owns the writer connection and the queue; `run` is the writer task."""
 
@@ -187,6 +217,12 @@ class AppendWriter:
         self._committed: list[tuple[int, int, int, bytes | None]] = []
         # Whether to read committed rows back for the listeners (asked once per batch).
         self.rows_wanted: Callable[[], bool] = lambda: False
+        # What the writer last saw of the store (for the one-round-trip commit): the head
+        # position (None: unknown), streams' versions (oldest first), and the guessing backoff.
+        self._head: int | None = None
+        self._known: dict[tuple[str, str], int] = {}
+        self._skip_guesses = 0
+        self._guess_backoff = 1
 
     @property
     def backend_pid(self) -> int | None:
@@ -395,106 +431,183 @@ class AppendWriter:
         Idempotency costs nothing on the common path: client ids are looked up first only when
         `check_all_ids`; otherwise only for requests that fail the version check (a retry with
         a stale expected version must still be answered as a retry), and the unique index on
-        event_id catches any other stored id during the COPY (`_StoredIdsMet`: the caller then
-        retries with `check_all_ids`). Either way a request's ids are checked before its
+        event_id catches any other stored id during the insert (`_StoredIdsMet`: the caller
+        then retries with `check_all_ids`). Either way a request's ids are checked before its
         expected version decides, as API.md requires.
         """
         requests = [pending.request for pending in batch]
-        threshold = self._settings.snapshot_threshold
         keys: dict[tuple[str, str], int] = {}
         for request in requests:
             keys.setdefault((request.stream_id, request.stream_type), len(keys))
+        if not check_all_ids:
+            guessed = self._guess(requests, keys)
+            if guessed is not None:
+                try:
+                    planned = self._commit_guessed(conn, requests, keys, *guessed)
+                except _Stale:
+                    self._rollback()
+                    self._missed()
+                else:
+                    if planned is not None:
+                        self._guess_backoff = 1
+                        if self._metrics is not None:
+                            self._metrics.append_guesses.labels("hit").inc()
+                        return planned
         client_ids = (
             [event_id for request in requests for event_id in request.client_event_ids]
             if check_all_ids else []
         )
-        result = _exec(conn, _BEGIN, (APPEND_LOCK_KEY, client_ids, [k[0] for k in keys],
-                                      [k[1] for k in keys]))
+        result = _exec(conn, _bind(conn, _BEGIN, (APPEND_LOCK_KEY, client_ids,
+                                                  [k[0] for k in keys], [k[1] for k in keys])))
         head = int(result.get_value(0, 0) or 0)
         stored_rows = _json_rows(result.get_value(0, 1))
         version_rows = _json_rows(result.get_value(0, 2))
         current = [0] * len(keys)
         for stream_id, stream_type, version in version_rows:
             current[keys[(stream_id, stream_type)]] = int(version)
+        self._head = head
+        self._remember(zip(keys, current, strict=True))
 
         outcomes: list[Outcome | None] = [None] * len(requests)
         if stored_rows:
             self._check_retries(conn, requests, outcomes,
                                 {row[0]: StoredEvent(*row) for row in stored_rows})
         live = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        accepted: list[tuple[AppendRequest, int]] = []
-        if live:
-            firsts = check_versions(
-                current,
-                [keys[(requests[i].stream_id, requests[i].stream_type)] for i in live],
-                [requests[i].expected_version for i in live],
-                [requests[i].event_count for i in live],
-            )
-            position = head + 1
-            conflicted: list[int] = []
-            for i, first in zip(live, firsts, strict=True):
-                request = requests[i]
-                if first < 0:
-                    expected = request.expected_version
-                    assert expected is not None
-                    outcomes[i] = WrongExpectedVersion(expected, -first - 1)
-                    if request.has_client_ids and not check_all_ids:
-                        conflicted.append(i)
-                    continue
-                outcomes[i] = request.response(first, position, threshold)
-                accepted.append((request, first))
-                position += request.event_count
-            if conflicted:
-                # A conflict may be a retry whose expected version is stale: ids decide first.
-                ids = [e for i in conflicted for e in requests[i].client_event_ids]
-                rows = conn.execute(_STORED_IDS, (ids,)).fetchall()
-                if rows:
-                    self._check_retries(conn, requests, outcomes,
-                                        {row[0]: StoredEvent(*row) for row in rows},
-                                        only=conflicted)
+        accepted, conflicted = self._decide(requests, keys, current, head, live, outcomes)
+        conflicted = [i for i in conflicted if requests[i].has_client_ids and not check_all_ids]
+        if conflicted:
+            # A conflict may be a retry whose expected version is stale: ids decide first.
+            ids = [e for i in conflicted for e in requests[i].client_event_ids]
+            rows = conn.execute(_STORED_IDS, (ids,)).fetchall()
+            if rows:
+                self._check_retries(conn, requests, outcomes,
+                                    {row[0]: StoredEvent(*row) for row in rows},
+                                    only=conflicted)
         planned = [outcome for outcome in outcomes if outcome is not None]
         assert len(planned) == len(requests)
         if not accepted:
             conn.rollback()
             return planned
+        self._write(conn, accepted, planned, head, "", ())
+        return planned
 
+    def _guess(self, requests: Sequence[AppendRequest], keys: dict[tuple[str, str], int],
+               ) -> tuple[int, list[int]] | None:
+        """The head and the streams' versions to commit `requests` on in one round trip, or
+        None when the writer cannot tell them (or is not guessing for now)."""
+        if self._head is None:
+            return None
+        if self._skip_guesses:
+            self._skip_guesses -= 1
+            return None
+        current = guess_versions(keys, requests, self._known)
+        return None if current is None else (self._head, current)
+
+    def _missed(self) -> None:
+        """A guess proved wrong: commit the next batches the usual way (more of them after each
+        miss in a row, so a store that another server process keeps appending to is not paid
+        a wasted round trip per batch)."""
+        if self._metrics is not None:
+            self._metrics.append_guesses.labels("miss").inc()
+        self._head = None
+        self._skip_guesses = self._guess_backoff
+        self._guess_backoff = min(self._guess_backoff * 2, GUESS_BACKOFF_MAX)
+
+    def _remember(self, versions: Iterable[tuple[tuple[str, str], int]]) -> None:
+        known = self._known
+        for key, version in versions:
+            known.pop(key, None)
+            known[key] = version
+        while len(known) > KNOWN_VERSIONS_MAX:
+            del known[next(iter(known))]
+
+    def _commit_guessed(self, conn: psycopg.Connection[TupleRow],
+                        requests: Sequence[AppendRequest], keys: dict[tuple[str, str], int],
+                        head: int, current: list[int]) -> list[Outcome] | None:
+        """Commit `requests` in one round trip, decided on the guessed `head` and `current`
+        versions; None (nothing sent) when a request would not be accepted on them (a conflict
+        must be confirmed, and may be an idempotent retry). Raises `_Stale` when the guard
+        refused the guess."""
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        accepted, conflicted = self._decide(requests, keys, current, head,
+                                            list(range(len(requests))), outcomes)
+        if conflicted:
+            return None
+        planned = [outcome for outcome in outcomes if outcome is not None]
+        guard = (APPEND_LOCK_KEY, head, [k[0] for k in keys], [k[1] for k in keys], current)
+        self._write(conn, accepted, planned, head, _GUARDED_BEGIN, guard)
+        return planned
+
+    def _decide(self, requests: Sequence[AppendRequest], keys: dict[tuple[str, str], int],
+                current: list[int], head: int, live: list[int], outcomes: list[Outcome | None],
+                ) -> tuple[list[tuple[AppendRequest, int]], list[int]]:
+        """Decide the `live` requests on the streams' `current` versions: the outcome of
+        each (its reply, or WrongExpectedVersion) goes in `outcomes`. Returns the accepted
+        requests with their first versions, in position order from `head` + 1, and the
+        indexes of the conflicting ones."""
+        accepted: list[tuple[AppendRequest, int]] = []
+        conflicted: list[int] = []
+        if not live:
+            return accepted, conflicted
+        firsts = check_versions(
+            current,
+            [keys[(requests[i].stream_id, requests[i].stream_type)] for i in live],
+            [requests[i].expected_version for i in live],
+            [requests[i].event_count for i in live],
+        )
+        threshold = self._settings.snapshot_threshold
+        position = head + 1
+        for i, first in zip(live, firsts, strict=True):
+            request = requests[i]
+            if first < 0:
+                expected = request.expected_version
+                assert expected is not None
+                outcomes[i] = WrongExpectedVersion(expected, -first - 1)
+                conflicted.append(i)
+                continue
+            outcomes[i] = request.response(first, position, threshold)
+            accepted.append((request, first))
+            position += request.event_count
+        return accepted, conflicted
+
+    def _write(self, conn: psycopg.Connection[TupleRow],
+               accepted: Sequence[tuple[AppendRequest, int]], planned: list[Outcome],
+               head: int, begin: str, begin_params: tuple[object, ...]) -> None:
+        """Store the `accepted` requests at positions from `head` + 1 and COMMIT, in one query
+        string after `begin` (the one-round-trip commit's first steps, or nothing when the
+        transaction is already open)."""
         now_us = time.time_ns() // 1000
         now = datetime.fromtimestamp(now_us / 1_000_000, tz=UTC)
         count = sum(request.event_count for request, _ in accepted)
-        small = (count <= INSERT_MAX_EVENTS
-                 and sum(r.payload_bytes for r, _ in accepted) <= INSERT_MAX_BYTES)
-        if not small:
-            payload = encode_copy(
-                [request for request, _ in accepted],
-                [first for _, first in accepted],
-                head + 1,
-                now_us - PG_EPOCH_OFFSET_US,
-            )
-            try:
-                with conn.cursor() as cur, cur.copy(COPY_EVENTS) as copy:
-                    copy.write(payload)
-            except psycopg.errors.UniqueViolation as exc:
-                if exc.diag.constraint_name == "events_pkey":
-                    raise _StoredIdsMet from exc
-                raise
+        payload_bytes = sum(request.payload_bytes for request, _ in accepted)
+        small = count <= INSERT_MAX_EVENTS and payload_bytes <= INSERT_MAX_BYTES
+        copy = None if small else encode_copy(
+            [request for request, _ in accepted],
+            [first for _, first in accepted],
+            head + 1,
+            now_us - PG_EPOCH_OFFSET_US,
+        )
         final: dict[tuple[str, str], int] = {}
         for request, first in accepted:
             key = (request.stream_id, request.stream_type)
             final[key] = max(final.get(key, 0), first + request.event_count - 1)
         # Read back only small batches: the read runs under the append lock.
-        want_rows = (count <= READ_BACK_MAX_EVENTS and self.rows_wanted()
-                     and sum(r.payload_bytes for r, _ in accepted) <= READ_BACK_MAX_BYTES)
-        query = (_INSERT_EVENTS if small else "") + _FINISH + (_ROWS if want_rows else "")
-        params = (_insert_parameters(accepted, head + 1, now) if small else ()) + (
-            now, now, [k[0] for k in final], [k[1] for k in final], list(final.values())) + (
-            (head + 1, head + count) if want_rows else ())
+        want_rows = (count <= READ_BACK_MAX_EVENTS and payload_bytes <= READ_BACK_MAX_BYTES
+                     and self.rows_wanted())
+        insert = insert_sql([request for request, _ in accepted],
+                            [first for _, first in accepted], head + 1,
+                            now.isoformat()) if small else COPY_EVENTS
+        text = _bind(conn, begin, begin_params) + insert + _bind(
+            conn, _FINISH + (_ROWS if want_rows else "") + _COMMIT,
+            (now, now, [k[0] for k in final], [k[1] for k in final], list(final.values()))
+            + ((head + 1, head + count) if want_rows else ()))
         try:
-            # Every statement's result only when the read-back's is needed: each wait for one
-            # is one more GIL re-take (see `_BEGIN`).
-            if want_rows:
-                results = _exec_all(conn, query + _COMMIT, params)
+            # Every statement's result only when needed (a COPY's input is sent in the middle,
+            # or the read-back is wanted): PQexec waits for them all in one GIL release.
+            if copy is not None or want_rows:
+                results = _exec_all(conn, text, copy)
             else:
-                results = [_exec(conn, query + _COMMIT, params)]
+                results = [_exec(conn, text)]
             if results[-1].command_status != b"COMMIT":
                 # Not an error, yet not committed: never answer as if it were either way.
                 raise psycopg.OperationalError(
@@ -503,7 +616,9 @@ class AppendWriter:
             if exc.diag.constraint_name == "events_pkey":
                 raise _StoredIdsMet from exc
             raise
-        except Exception as exc:
+        except psycopg.Error as exc:
+            if exc.sqlstate == STALE_SQLSTATE:
+                raise _Stale from exc
             if is_connection_error(exc):
                 raise _OutcomeUnknown(planned, [r.event_ids[0] for r, _ in accepted]) from exc
             raise
@@ -513,8 +628,9 @@ class AppendWriter:
             body = results[-2].get_value(0, 0)
             read_back = COPY_HEADER + (bytes.fromhex(body[2:].decode()) if body else b"") + (
                 COPY_TRAILER)
+        self._head = head + count
+        self._remember(final.items())
         self._committed.append((head + 1, head + count, count, read_back))
-        return planned
 
     def _check_retries(self, conn: psycopg.Connection[TupleRow],
                        requests: Sequence[AppendRequest], outcomes: list[Outcome | None],
@@ -566,24 +682,27 @@ class AppendWriter:
                 )
 
 
-def _exec(conn: psycopg.Connection[TupleRow], query: str, params: tuple[object, ...],
-          ) -> pq.abc.PGresult:
-    """Run `query` (one or more statements; parameters bound client-side) in one libpq call;
-    the last statement's result. Errors are psycopg's (a lost connection: OperationalError)."""
-    text = psycopg.ClientCursor(conn).mogrify(query, params)
+def _bind(conn: psycopg.Connection[TupleRow], query: str, params: tuple[object, ...]) -> str:
+    """`query` with its parameters bound client-side (as SQL literals)."""
+    return psycopg.ClientCursor(conn).mogrify(query, params) if query else ""
+
+
+def _exec(conn: psycopg.Connection[TupleRow], text: str) -> pq.abc.PGresult:
+    """Run `text` (one or more statements, parameters bound) in one libpq call; the last
+    statement's result. Errors are psycopg's (a lost connection: OperationalError)."""
     result = conn.pgconn.exec_(text.encode(conn.info.encoding))
     if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
         raise result_error(conn, result)
     return result
 
 
-def _exec_all(conn: psycopg.Connection[TupleRow], query: str, params: tuple[object, ...],
+def _exec_all(conn: psycopg.Connection[TupleRow], text: str, copy: bytes | None = None,
               ) -> list[pq.abc.PGresult]:
     """Like `_exec`, with every statement's result (PQexec keeps only the last one), waiting
-    for them with the GIL released (`eventstore.db.libpq`). The server stops at the first
-    failing statement; that one's error is raised — unless a COMMIT had already succeeded (an
-    error after it cannot undo it: the results are returned)."""
-    text = psycopg.ClientCursor(conn).mogrify(query, params)
+    for them with the GIL released (`eventstore.db.libpq`). `copy` is the input of the
+    query's COPY FROM STDIN, if it has one. The server stops at the first failing statement;
+    that one's error is raised — unless a COMMIT had already succeeded (an error after it
+    cannot undo it: the results are returned)."""
     pgconn = conn.pgconn
     libpq.send_query(pgconn, text.encode(conn.info.encoding))
     results: list[pq.abc.PGresult] = []
@@ -603,6 +722,14 @@ def _exec_all(conn: psycopg.Connection[TupleRow], query: str, params: tuple[obje
             raise
         if result is None:
             break
+        if result.status == pq.ExecStatus.COPY_IN:
+            if copy is None:
+                # A bug, not an outage: end the COPY so the connection stays usable.
+                pgconn.put_copy_end(b"no COPY input was given")
+            else:
+                libpq.put_copy(pgconn, copy)
+                copy = None
+            continue
         if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
             failed = failed or result
         results.append(result)
@@ -619,30 +746,3 @@ def _exec_all(conn: psycopg.Connection[TupleRow], query: str, params: tuple[obje
 def _json_rows(value: bytes | None) -> list[list[Any]]:
     """The rows of a json_agg(json_build_array(...)) column (NULL: none)."""
     return orjson.loads(value) if value else []
-
-
-def _insert_parameters(accepted: Sequence[tuple[AppendRequest, int]], first_position: int,
-                       created_at: datetime) -> tuple[object, ...]:
-    """`_INSERT_EVENTS`'s parameters for requests stored at their first versions, positions
-    from `first_position` on, in order."""
-    ids: list[str] = []
-    stream_ids: list[str] = []
-    stream_types: list[str] = []
-    versions: list[int] = []
-    event_types: list[str] = []
-    datas: list[str] = []
-    metas: list[str | None] = []
-    for request, first in accepted:
-        n = request.event_count
-        ids += request.event_ids
-        stream_ids += [request.stream_id] * n
-        stream_types += [request.stream_type] * n
-        versions += range(first, first + n)
-        for j in range(n):
-            event_types.append(request.event_type(j))
-            datas.append(request.event_data(j).decode())
-            metadata = request.event_metadata(j)
-            metas.append(metadata.decode() if metadata is not None else None)
-    positions = list(range(first_position, first_position + len(ids)))
-    return (created_at, ids, stream_ids, stream_types, versions, event_types, datas, metas,
-            positions)

@@ -1,0 +1,173 @@
+"""The writer's one-round-trip commit: its guesses of the head and of stream versions are
+checked by PostgreSQL under the append lock, and a wrong guess is never a wrong answer.
+
+Two `AppendWriter`s on one database stand for two server processes; each counts its guesses
+(hit, miss) in its own metrics, so every test also shows which path each append took.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+import trio
+
+from eventstore._es_codec import AppendRequest
+from eventstore.errors import WrongExpectedVersion
+from eventstore.metrics import Metrics
+from eventstore.store.writer import INSERT_MAX_EVENTS, AppendWriter
+from eventstore.v1 import eventstore_pb2 as pb
+from tests.conftest import make_settings
+from tests.helpers import STREAM_TYPE, append_request, events, sid
+
+
+class Writer:
+    def __init__(self, writer: AppendWriter, metrics: Metrics) -> None:
+        self.writer = writer
+        self.metrics = metrics
+
+    async def append(self, stream: str, evs: list[pb.NewEvent], expected: int | None = None,
+                     ) -> pb.AppendEventsResponse:
+        raw = append_request(stream, evs, expected).SerializeToString()
+        with trio.fail_after(30):
+            reply = await self.writer.append(AppendRequest.parse(raw, 10_000, 1 << 20))
+        return pb.AppendEventsResponse.FromString(reply)
+
+    def guesses(self, outcome: str) -> float:
+        value = self.metrics.registry.get_sample_value("eventstore_append_guesses_total",
+                                                       {"outcome": outcome})
+        return value or 0.0
+
+
+@pytest.fixture
+async def writers(nursery: trio.Nursery, database_url: str) -> AsyncIterator[list[Writer]]:
+    """Two writers on one database, as two server processes would have."""
+    settings = make_settings(database_url)
+    found = []
+    for _ in range(2):
+        metrics = Metrics()
+        writer = AppendWriter(database_url, settings, metrics)
+        await nursery.start(writer.run)
+        found.append(Writer(writer, metrics))
+    yield found
+    nursery.cancel_scope.cancel()
+
+
+def stored(database_url: str) -> list[tuple[int, str, int]]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT position, stream_id::text, version FROM events"
+                            " ORDER BY position").fetchall()
+    return [(int(p), s, int(v)) for p, s, v in rows]
+
+
+async def test_another_writer_moving_the_head_turns_a_guess_into_a_miss(
+        writers: list[Writer], database_url: str) -> None:
+    a, b = writers
+    s1, s2 = sid(), sid()
+    first = await a.append(s1, events(2), expected=0)  # a knows nothing yet: two round trips
+    assert (first.first_position, a.guesses("hit"), a.guesses("miss")) == (1, 0, 0)
+    second = await a.append(s1, events(1), expected=2)
+    assert (second.first_position, second.next_expected_version) == (3, 3)
+    assert a.guesses("hit") == 1
+    await b.append(s2, events(3), expected=0)  # positions 4-6, behind a's back
+    third = await a.append(s1, events(1), expected=3)
+    assert (third.first_position, third.next_expected_version) == (7, 4)
+    assert (a.guesses("hit"), a.guesses("miss")) == (1, 1)
+    await a.append(s1, events(1), expected=4)  # the batch after a miss does not guess
+    assert (a.guesses("hit"), a.guesses("miss")) == (1, 1)
+    fifth = await a.append(s1, events(1), expected=5)
+    assert (fifth.first_position, a.guesses("hit")) == (9, 2)
+    rows = stored(database_url)
+    assert [p for p, _, _ in rows] == list(range(1, 10))
+    assert [v for _, s, v in rows if s == s1] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, s, v in rows if s == s2] == [1, 2, 3]
+
+
+async def test_a_wrong_version_guess_is_answered_as_the_conflict_it_is(
+        writers: list[Writer], database_url: str) -> None:
+    a, b = writers
+    s1, missing, elsewhere = sid(), sid(), sid()
+    await b.append(elsewhere, events(3), expected=0)  # a has never seen this stream
+    await a.append(s1, events(1), expected=0)
+    # A stream a has not seen: a guesses the version the client names, PostgreSQL refuses it.
+    with pytest.raises(WrongExpectedVersion) as err:
+        await a.append(missing, events(1), expected=5)
+    assert (err.value.expected, err.value.actual) == (5, 0)
+    assert a.guesses("miss") == 1
+    await a.append(s1, events(1), expected=1)  # not guessed (backoff); a learns the head
+    with pytest.raises(WrongExpectedVersion) as err:
+        await a.append(elsewhere, events(1), expected=0)
+    assert (err.value.expected, err.value.actual) == (0, 3)
+    assert a.guesses("miss") == 2
+    assert [p for p, _, _ in stored(database_url)] == [1, 2, 3, 4, 5]
+    # Once seen, the stream's version is known and a right expectation commits in one go.
+    for _ in range(3):  # the backoff doubled: two batches go the usual way first
+        reply = await a.append(elsewhere, events(1), expected=None)
+    hits = a.guesses("hit")
+    reply = await a.append(elsewhere, events(1), expected=reply.next_expected_version)
+    assert (reply.next_expected_version, a.guesses("hit")) == (7, hits + 1)
+
+
+async def test_a_copy_batch_commits_in_one_round_trip_and_retries_stay_retries(
+        writers: list[Writer], database_url: str) -> None:
+    a, _ = writers
+    stream = sid()
+    size = INSERT_MAX_EVENTS + 36  # over the INSERT limit: the rows go by binary COPY
+    await a.append(stream, events(size, with_ids=True), expected=0)
+    batch = events(size, with_ids=True)
+    original = await a.append(stream, batch, expected=size)
+    assert a.guesses("hit") == 1
+    # Retried with the expected version it was sent with (now stale: a conflict to the cache,
+    # so the usual path decides), and with the stream's version now (guessed: the COPY meets
+    # the stored ids, and the batch is decided again with every id looked up).
+    for expected in (size, 2 * size):
+        again = await a.append(stream, batch, expected=expected)
+        assert again == original
+    assert a.guesses("miss") == 0
+    rows = stored(database_url)
+    assert [p for p, _, _ in rows] == list(range(1, 2 * size + 1))
+    assert [v for _, _, v in rows] == list(range(1, 2 * size + 1))
+
+
+async def test_the_guard_is_checked_after_the_lock(database_url: str) -> None:
+    """The guard reads head and versions after the append lock is granted: a guess made while
+    another transaction holds the lock and then commits is refused, not trusted."""
+    settings = make_settings(database_url)
+    metrics = Metrics()
+    writer = AppendWriter(database_url, settings, metrics)
+    view = Writer(writer, metrics)
+    stream = sid()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await view.append(stream, events(1), expected=0)
+        with psycopg.connect(database_url) as other:
+            other.execute("SELECT pg_advisory_xact_lock(%s)", (0x65736170,))
+            other.execute(
+                "INSERT INTO events (event_id, stream_id, stream_type, version, event_type,"
+                " data, position, created_at) VALUES (gen_random_uuid(), %s, %s, 2, 'X',"
+                " '{}', 2, now())", (stream, STREAM_TYPE))
+            other.execute(
+                "UPDATE event_streams SET version = 2 WHERE stream_id = %s", (stream,))
+            done: list[object] = []
+            answered = trio.Event()
+
+            async def blocked() -> None:
+                try:
+                    done.append(await view.append(stream, events(1), expected=1))
+                except WrongExpectedVersion as exc:
+                    done.append(exc)
+                answered.set()
+
+            nursery.start_soon(blocked)
+            await trio.sleep(0.5)
+            assert done == []  # waiting for the lock
+            other.commit()
+        with trio.fail_after(30):
+            await answered.wait()
+        assert isinstance(done[0], WrongExpectedVersion)
+        assert (done[0].expected, done[0].actual) == (1, 2)
+        assert metrics.registry.get_sample_value(
+            "eventstore_append_guesses_total", {"outcome": "miss"}) == 1
+        nursery.cancel_scope.cancel()
+    assert [p for p, _, _ in stored(database_url)] == [1, 2]
