@@ -109,11 +109,13 @@ async def test_a_wrong_version_guess_is_answered_as_the_conflict_it_is(
     assert (reply.next_expected_version, a.guesses("hit")) == (7, hits + 1)
 
 
-async def test_a_copy_batch_commits_in_one_round_trip_and_retries_stay_retries(
-        writers: list[Writer], database_url: str) -> None:
+@pytest.mark.parametrize("size", [3, INSERT_MAX_EVENTS + 36], ids=["insert", "copy"])
+async def test_a_guessed_batch_commits_in_one_round_trip_and_retries_stay_retries(
+        writers: list[Writer], database_url: str, size: int) -> None:
+    """A small batch is committed from the event loop, a larger one (binary COPY) from the
+    worker thread; either way a retry that meets its stored ids is answered as a retry."""
     a, _ = writers
     stream = sid()
-    size = INSERT_MAX_EVENTS + 36  # over the INSERT limit: the rows go by binary COPY
     await a.append(stream, events(size, with_ids=True), expected=0)
     batch = events(size, with_ids=True)
     original = await a.append(stream, batch, expected=size)
@@ -171,3 +173,23 @@ async def test_the_guard_is_checked_after_the_lock(database_url: str) -> None:
             "eventstore_append_guesses_total", {"outcome": "miss"}) == 1
         nursery.cancel_scope.cancel()
     assert [p for p, _, _ in stored(database_url)] == [1, 2]
+
+
+async def test_a_connection_lost_between_commits_is_recovered_by_the_worker(
+        writers: list[Writer], database_url: str) -> None:
+    """The event loop's one-round-trip attempt meets a dead connection: the worker thread
+    reconciles (nothing was stored), reconnects and commits the batch once."""
+    a, _ = writers
+    stream = sid()
+    await a.append(stream, events(1), expected=0)
+    await a.append(stream, events(1), expected=1)
+    assert a.guesses("hit") == 1
+    pid = a.writer.backend_pid
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+    reply = await a.append(stream, events(2), expected=2)
+    assert (reply.first_position, reply.next_expected_version) == (3, 4)
+    assert a.writer.backend_pid != pid
+    reply = await a.append(stream, events(1), expected=4)
+    assert (reply.first_position, a.guesses("hit")) == (5, 2)
+    assert [(p, v) for p, _, v in stored(database_url)] == [(i, i) for i in range(1, 6)]

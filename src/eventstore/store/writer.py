@@ -26,7 +26,9 @@ usually right), steps 2-4 become a guard in the same query string as steps 5-6: 
 transaction is one round trip. The guard (`eventstore_expect`, migration 002) aborts it before
 anything is written when the store is not as expected (another server process appended, or a
 guess was wrong); the batch is then committed the usual way, and after repeated misses the
-writer stops guessing for a while.
+writer stops guessing for a while. Such a commit of a small batch (an INSERT, no COPY) runs
+from the event loop itself, Trio waiting on the connection's socket; everything else runs in a
+worker thread (`_commit`), which also takes over whenever the loop's attempt fails.
 
 Each request gets its own outcome: a conflict or a bad payload in one request never fails
 another. A lost connection is retried on a new one; when it is lost during COMMIT the outcome is
@@ -39,6 +41,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -198,6 +201,35 @@ class _Stale(Exception):
     """The one-round-trip commit's guard found the store not as the writer expected."""
 
 
+@dataclass(slots=True)
+class _Statement:
+    """One commit's query string, and what its answer means."""
+
+    conn: psycopg.Connection[TupleRow]
+    text: str
+    copy: bytes | None  # the input of the query's COPY FROM STDIN, if it has one
+    want_rows: bool  # the committed rows are read back (the result before COMMIT's)
+    planned: list[Outcome]  # every request's outcome, once committed
+    probe_ids: list[str]  # an event id of each stored request (to reconcile a lost COMMIT)
+    head: int
+    count: int
+    final: dict[tuple[str, str], int]  # the streams' versions after it
+
+
+def _keys(requests: Sequence[AppendRequest]) -> dict[tuple[str, str], int]:
+    """Each distinct stream of `requests`, numbered in order of appearance."""
+    keys: dict[tuple[str, str], int] = {}
+    for request in requests:
+        keys.setdefault((request.stream_id, request.stream_type), len(keys))
+    return keys
+
+
+def _small(requests: Sequence[AppendRequest]) -> bool:
+    """Whether `requests`' events go in by INSERT (else by COPY)."""
+    return (sum(request.event_count for request in requests) <= INSERT_MAX_EVENTS
+            and sum(request.payload_bytes for request in requests) <= INSERT_MAX_BYTES)
+
+
 class AppendWriter:
     """Owns the writer connection and the queue; `run` is the writer task."""
 
@@ -277,7 +309,7 @@ class AppendWriter:
                 started = time.perf_counter()
                 self._busy = True
                 with trio.CancelScope(shield=True):
-                    outcomes = await trio.to_thread.run_sync(self._commit, batch)
+                    outcomes = await self._commit_batch(batch)
                 self._busy = False
                 self._resolve(batch, outcomes)
                 self._batch_done.set()
@@ -301,6 +333,29 @@ class AppendWriter:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    async def _commit_batch(self, batch: Sequence[PendingAppend]) -> list[Outcome]:
+        """Commit `batch` (the caller shields this: a COMMIT is never abandoned).
+
+        A small batch the writer can guess for is committed from the event loop itself, with
+        the connection's socket waited on by Trio: its one round trip then costs no thread
+        hand-off either way. Everything else — a COPY, the usual two round trips, retries and
+        recovery from any failure of the loop's attempt — runs in a worker thread."""
+        guess = self._guess_turn()
+        failure: Exception | None = None
+        if guess and _small([pending.request for pending in batch]):
+            guess = False  # whatever happens here, the thread does not guess this batch again
+            statement = self._guessed_statement(batch)
+            if statement is not None:
+                try:
+                    results = await _exec_all_in_loop(statement.conn, statement.text)
+                    self._finish(statement, results)
+                except Exception as exc:
+                    failure = self._translated(exc, statement)
+                else:
+                    self._hit()
+                    return statement.planned
+        return await trio.to_thread.run_sync(self._commit, batch, failure, guess)
 
     @staticmethod
     def _observe(metrics: Metrics, batch: Sequence[PendingAppend], outcomes: Sequence[Outcome],
@@ -345,14 +400,25 @@ class AppendWriter:
                     raise
                 self._drop_connection()
 
-    def _commit(self, batch: Sequence[PendingAppend]) -> list[Outcome]:
-        """Commit `batch`, retrying on a new connection until `writer_retry_seconds` pass."""
+    def _commit(self, batch: Sequence[PendingAppend], failed: Exception | None = None,
+                guess: bool = False) -> list[Outcome]:
+        """Commit `batch`, retrying on a new connection until `writer_retry_seconds` pass.
+        `failed`: how the event loop's attempt at it failed, handled here as if this thread's
+        own attempt had. `guess`: try the one-round-trip commit first."""
         deadline = time.monotonic() + self._settings.writer_retry_seconds
         delay = 0.05
         check_all_ids = False
         while True:
             try:
-                return self._commit_once(self._connection(), batch, check_all_ids=check_all_ids)
+                if failed is not None:
+                    exc, failed = failed, None
+                    raise exc
+                return self._commit_once(self._connection(), batch,
+                                         check_all_ids=check_all_ids, guess=guess)
+            except _Stale:
+                self._rollback()
+                self._missed()
+                continue
             except _StoredIdsMet:
                 # An accepted request carried an id that is already stored (a retry, or a
                 # reuse): run the batch again with every client id looked up first.
@@ -425,7 +491,7 @@ class AppendWriter:
         ]
 
     def _commit_once(self, conn: psycopg.Connection[TupleRow], batch: Sequence[PendingAppend],
-                     *, check_all_ids: bool) -> list[Outcome]:
+                     *, check_all_ids: bool, guess: bool = False) -> list[Outcome]:
         """One attempt at committing `batch`.
 
         Idempotency costs nothing on the common path: client ids are looked up first only when
@@ -436,23 +502,18 @@ class AppendWriter:
         expected version decides, as API.md requires.
         """
         requests = [pending.request for pending in batch]
-        keys: dict[tuple[str, str], int] = {}
-        for request in requests:
-            keys.setdefault((request.stream_id, request.stream_type), len(keys))
-        if not check_all_ids:
-            guessed = self._guess(requests, keys)
-            if guessed is not None:
+        keys = _keys(requests)
+        if guess and not check_all_ids:
+            statement = self._guessed_statement(batch, conn)
+            if statement is not None:
                 try:
-                    planned = self._commit_guessed(conn, requests, keys, *guessed)
+                    self._execute(statement)
                 except _Stale:
                     self._rollback()
                     self._missed()
                 else:
-                    if planned is not None:
-                        self._guess_backoff = 1
-                        if self._metrics is not None:
-                            self._metrics.append_guesses.labels("hit").inc()
-                        return planned
+                    self._hit()
+                    return statement.planned
         client_ids = (
             [event_id for request in requests for event_id in request.client_event_ids]
             if check_all_ids else []
@@ -488,20 +549,21 @@ class AppendWriter:
         if not accepted:
             conn.rollback()
             return planned
-        self._write(conn, accepted, planned, head, "", ())
+        self._execute(self._statement(conn, accepted, planned, head, "", ()))
         return planned
 
-    def _guess(self, requests: Sequence[AppendRequest], keys: dict[tuple[str, str], int],
-               ) -> tuple[int, list[int]] | None:
-        """The head and the streams' versions to commit `requests` on in one round trip, or
-        None when the writer cannot tell them (or is not guessing for now)."""
-        if self._head is None:
-            return None
+    def _guess_turn(self) -> bool:
+        """Whether to try the one-round-trip commit for the next batch (not for a while after
+        a miss)."""
         if self._skip_guesses:
             self._skip_guesses -= 1
-            return None
-        current = guess_versions(keys, requests, self._known)
-        return None if current is None else (self._head, current)
+            return False
+        return True
+
+    def _hit(self) -> None:
+        self._guess_backoff = 1
+        if self._metrics is not None:
+            self._metrics.append_guesses.labels("hit").inc()
 
     def _missed(self) -> None:
         """A guess proved wrong: commit the next batches the usual way (more of them after each
@@ -521,13 +583,26 @@ class AppendWriter:
         while len(known) > KNOWN_VERSIONS_MAX:
             del known[next(iter(known))]
 
-    def _commit_guessed(self, conn: psycopg.Connection[TupleRow],
-                        requests: Sequence[AppendRequest], keys: dict[tuple[str, str], int],
-                        head: int, current: list[int]) -> list[Outcome] | None:
-        """Commit `requests` in one round trip, decided on the guessed `head` and `current`
-        versions; None (nothing sent) when a request would not be accepted on them (a conflict
-        must be confirmed, and may be an idempotent retry). Raises `_Stale` when the guard
-        refused the guess."""
+    def _guessed_statement(self, batch: Sequence[PendingAppend],
+                           conn: psycopg.Connection[TupleRow] | None = None,
+                           ) -> _Statement | None:
+        """The one-round-trip commit of `batch`, decided on the head and versions the writer
+        expects (on `conn`, else on the current connection when it is idle); None when it
+        cannot tell them, or when a request would not be accepted on them (a conflict must be
+        confirmed, and may be an idempotent retry)."""
+        if conn is None:
+            conn = self._conn
+            if (conn is None or conn.closed
+                    or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE):
+                return None
+        if self._head is None:
+            return None
+        head = self._head
+        requests = [pending.request for pending in batch]
+        keys = _keys(requests)
+        current = guess_versions(keys, requests, self._known)
+        if current is None:
+            return None
         outcomes: list[Outcome | None] = [None] * len(requests)
         accepted, conflicted = self._decide(requests, keys, current, head,
                                             list(range(len(requests))), outcomes)
@@ -535,8 +610,7 @@ class AppendWriter:
             return None
         planned = [outcome for outcome in outcomes if outcome is not None]
         guard = (APPEND_LOCK_KEY, head, [k[0] for k in keys], [k[1] for k in keys], current)
-        self._write(conn, accepted, planned, head, _GUARDED_BEGIN, guard)
-        return planned
+        return self._statement(conn, accepted, planned, head, _GUARDED_BEGIN, guard)
 
     def _decide(self, requests: Sequence[AppendRequest], keys: dict[tuple[str, str], int],
                 current: list[int], head: int, live: list[int], outcomes: list[Outcome | None],
@@ -570,66 +644,84 @@ class AppendWriter:
             position += request.event_count
         return accepted, conflicted
 
-    def _write(self, conn: psycopg.Connection[TupleRow],
-               accepted: Sequence[tuple[AppendRequest, int]], planned: list[Outcome],
-               head: int, begin: str, begin_params: tuple[object, ...]) -> None:
-        """Store the `accepted` requests at positions from `head` + 1 and COMMIT, in one query
-        string after `begin` (the one-round-trip commit's first steps, or nothing when the
-        transaction is already open)."""
+    def _statement(self, conn: psycopg.Connection[TupleRow],
+                   accepted: Sequence[tuple[AppendRequest, int]], planned: list[Outcome],
+                   head: int, begin: str, begin_params: tuple[object, ...]) -> _Statement:
+        """The query string that stores the `accepted` requests at positions from `head` + 1
+        and commits, after `begin` (the one-round-trip commit's first steps, or nothing when
+        the transaction is already open)."""
         now_us = time.time_ns() // 1000
         now = datetime.fromtimestamp(now_us / 1_000_000, tz=UTC)
-        count = sum(request.event_count for request, _ in accepted)
-        payload_bytes = sum(request.payload_bytes for request, _ in accepted)
-        small = count <= INSERT_MAX_EVENTS and payload_bytes <= INSERT_MAX_BYTES
-        copy = None if small else encode_copy(
-            [request for request, _ in accepted],
-            [first for _, first in accepted],
-            head + 1,
-            now_us - PG_EPOCH_OFFSET_US,
-        )
+        requests = [request for request, _ in accepted]
+        firsts = [first for _, first in accepted]
+        count = sum(request.event_count for request in requests)
+        small = _small(requests)
         final: dict[tuple[str, str], int] = {}
         for request, first in accepted:
             key = (request.stream_id, request.stream_type)
             final[key] = max(final.get(key, 0), first + request.event_count - 1)
         # Read back only small batches: the read runs under the append lock.
-        want_rows = (count <= READ_BACK_MAX_EVENTS and payload_bytes <= READ_BACK_MAX_BYTES
+        want_rows = (count <= READ_BACK_MAX_EVENTS
+                     and sum(request.payload_bytes for request in requests)
+                     <= READ_BACK_MAX_BYTES
                      and self.rows_wanted())
-        insert = insert_sql([request for request, _ in accepted],
-                            [first for _, first in accepted], head + 1,
-                            now.isoformat()) if small else COPY_EVENTS
+        insert = insert_sql(requests, firsts, head + 1, now.isoformat()) if small else (
+            COPY_EVENTS)
         text = _bind(conn, begin, begin_params) + insert + _bind(
             conn, _FINISH + (_ROWS if want_rows else "") + _COMMIT,
             (now, now, [k[0] for k in final], [k[1] for k in final], list(final.values()))
             + ((head + 1, head + count) if want_rows else ()))
+        return _Statement(
+            conn=conn, text=text,
+            copy=None if small else encode_copy(requests, firsts, head + 1,
+                                                now_us - PG_EPOCH_OFFSET_US),
+            want_rows=want_rows, planned=planned,
+            probe_ids=[request.event_ids[0] for request in requests],
+            head=head, count=count, final=final)
+
+    def _execute(self, statement: _Statement) -> None:
+        """Run `statement` (in the worker thread), then `_finish` it."""
         try:
             # Every statement's result only when needed (a COPY's input is sent in the middle,
             # or the read-back is wanted): PQexec waits for them all in one GIL release.
-            if copy is not None or want_rows:
-                results = _exec_all(conn, text, copy)
+            if statement.copy is not None or statement.want_rows:
+                results = _exec_all(statement.conn, statement.text, statement.copy)
             else:
-                results = [_exec(conn, text)]
-            if results[-1].command_status != b"COMMIT":
-                # Not an error, yet not committed: never answer as if it were either way.
-                raise psycopg.OperationalError(
-                    f"COMMIT answered {results[-1].command_status!r}")
-        except psycopg.errors.UniqueViolation as exc:
+                results = [_exec(statement.conn, statement.text)]
+            self._finish(statement, results)
+        except Exception as exc:
+            translated = self._translated(exc, statement)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    @staticmethod
+    def _translated(exc: Exception, statement: _Statement) -> Exception:
+        """What a failure of `statement` means to `_commit`."""
+        if isinstance(exc, psycopg.errors.UniqueViolation):
             if exc.diag.constraint_name == "events_pkey":
-                raise _StoredIdsMet from exc
-            raise
-        except psycopg.Error as exc:
+                return _StoredIdsMet()
+        elif isinstance(exc, psycopg.Error):
             if exc.sqlstate == STALE_SQLSTATE:
-                raise _Stale from exc
+                return _Stale()
             if is_connection_error(exc):
-                raise _OutcomeUnknown(planned, [r.event_ids[0] for r, _ in accepted]) from exc
-            raise
+                return _OutcomeUnknown(statement.planned, statement.probe_ids)
+        return exc
+
+    def _finish(self, statement: _Statement, results: list[pq.abc.PGresult]) -> None:
+        """After `statement` answered: make sure it committed, and note what it stored."""
+        if results[-1].command_status != b"COMMIT":
+            # Not an error, yet not committed: never answer as if it were either way.
+            raise psycopg.OperationalError(f"COMMIT answered {results[-1].command_status!r}")
         read_back = None
-        if want_rows:
+        if statement.want_rows:
             # A simple query's results are text: bytea comes as \x and hex digits.
             body = results[-2].get_value(0, 0)
             read_back = COPY_HEADER + (bytes.fromhex(body[2:].decode()) if body else b"") + (
                 COPY_TRAILER)
+        head, count = statement.head, statement.count
         self._head = head + count
-        self._remember(final.items())
+        self._remember(statement.final.items())
         self._committed.append((head + 1, head + count, count, read_back))
 
     def _check_retries(self, conn: psycopg.Connection[TupleRow],
@@ -696,51 +788,94 @@ def _exec(conn: psycopg.Connection[TupleRow], text: str) -> pq.abc.PGresult:
     return result
 
 
-def _exec_all(conn: psycopg.Connection[TupleRow], text: str, copy: bytes | None = None,
-              ) -> list[pq.abc.PGresult]:
-    """Like `_exec`, with every statement's result (PQexec keeps only the last one), waiting
-    for them with the GIL released (`eventstore.db.libpq`). `copy` is the input of the
-    query's COPY FROM STDIN, if it has one. The server stops at the first failing statement;
-    that one's error is raised — unless a COMMIT had already succeeded (an error after it
-    cannot undo it: the results are returned)."""
-    pgconn = conn.pgconn
-    libpq.send_query(pgconn, text.encode(conn.info.encoding))
-    results: list[pq.abc.PGresult] = []
-    failed: pq.abc.PGresult | None = None
+class _Results:
+    """The results of one multi-statement query, as they arrive. PostgreSQL stops at the
+    first failing statement; that one's error is the query's — unless a COMMIT had already
+    succeeded (an error after it cannot undo it)."""
 
-    def committed() -> bool:
+    def __init__(self) -> None:
+        self.results: list[pq.abc.PGresult] = []
+        self.failed: pq.abc.PGresult | None = None
+
+    def committed(self) -> bool:
         return any(r.status == pq.ExecStatus.COMMAND_OK and r.command_status == b"COMMIT"
-                   for r in results)
+                   for r in self.results)
 
-    while True:
-        try:
-            result = libpq.get_result(pgconn)
-        except psycopg.OperationalError:
-            # The connection went away. If COMMIT's answer had already arrived, it stands.
-            if committed():
-                break
-            raise
-        if result is None:
-            break
+    def add(self, pgconn: pq.abc.PGconn, result: pq.abc.PGresult,
+            copy: bytes | None = None) -> bytes | None:
+        """Take the next result. A COPY FROM STDIN is sent `copy` as its input (then None is
+        returned: there is no more to send)."""
         if result.status == pq.ExecStatus.COPY_IN:
             if copy is None:
                 # A bug, not an outage: end the COPY so the connection stays usable.
                 pgconn.put_copy_end(b"no COPY input was given")
             else:
                 libpq.put_copy(pgconn, copy)
-                copy = None
-            continue
+            return None
         if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
-            failed = failed or result
-        results.append(result)
-    if committed():
-        if failed is not None:
-            log.warning("an error arrived after COMMIT succeeded: %s",
-                        (failed.error_message or b"").decode(errors="replace").strip())
-        return results
-    if failed is not None or pgconn.status == pq.ConnStatus.BAD:
-        raise result_error(conn, failed)
-    return results
+            self.failed = self.failed or result
+        self.results.append(result)
+        return copy
+
+    def lost(self, exc: psycopg.OperationalError) -> None:
+        """The connection went away: if COMMIT's answer had already arrived, it stands."""
+        if not self.committed():
+            raise exc
+
+    def outcome(self, conn: psycopg.Connection[TupleRow]) -> list[pq.abc.PGresult]:
+        if self.committed():
+            if self.failed is not None:
+                log.warning("an error arrived after COMMIT succeeded: %s",
+                            (self.failed.error_message or b"").decode(errors="replace").strip())
+            return self.results
+        if self.failed is not None or conn.pgconn.status == pq.ConnStatus.BAD:
+            raise result_error(conn, self.failed)
+        return self.results
+
+
+def _exec_all(conn: psycopg.Connection[TupleRow], text: str, copy: bytes | None = None,
+              ) -> list[pq.abc.PGresult]:
+    """Like `_exec`, with every statement's result (PQexec keeps only the last one), waiting
+    for them with the GIL released (`eventstore.db.libpq`). `copy` is the input of the
+    query's COPY FROM STDIN, if it has one. Failures as `_Results` says."""
+    pgconn = conn.pgconn
+    libpq.send_query(pgconn, text.encode(conn.info.encoding))
+    results = _Results()
+    while True:
+        try:
+            result = libpq.get_result(pgconn)
+        except psycopg.OperationalError as exc:
+            results.lost(exc)
+            break
+        if result is None:
+            break
+        copy = results.add(pgconn, result, copy)
+    return results.outcome(conn)
+
+
+async def _exec_all_in_loop(conn: psycopg.Connection[TupleRow], text: str,
+                            ) -> list[pq.abc.PGresult]:
+    """`_exec_all` (without COPY) from the event loop: libpq is only asked for what it
+    already has, and Trio waits for the connection's socket."""
+    pgconn = conn.pgconn
+    fd = pgconn.socket
+    pgconn.send_query(text.encode(conn.info.encoding))
+    while pgconn.flush():
+        await trio.lowlevel.wait_writable(fd)
+    results = _Results()
+    while True:
+        try:
+            while pgconn.is_busy():
+                await trio.lowlevel.wait_readable(fd)
+                pgconn.consume_input()
+            result = pgconn.get_result()
+        except psycopg.OperationalError as exc:
+            results.lost(exc)
+            break
+        if result is None:
+            break
+        results.add(pgconn, result)
+    return results.outcome(conn)
 
 
 def _json_rows(value: bytes | None) -> list[list[Any]]:
