@@ -43,7 +43,11 @@ def flush(pgconn: pq.abc.PGconn) -> None:
             pgconn.consume_input()
 
 
-def put_copy(pgconn: pq.abc.PGconn, data: bytes, chunk: int = 1 << 20) -> None:
+# How much COPY input is handed to libpq at a time.
+COPY_CHUNK = 1 << 20
+
+
+def put_copy(pgconn: pq.abc.PGconn, data: bytes, chunk: int = COPY_CHUNK) -> None:
     """Send `data` as a COPY FROM STDIN's whole input and end it (call once `get_result` has
     returned the COPY_IN result). On a nonblocking connection libpq refuses data while its
     buffer is full (`PQputCopyData` answers 0): then wait for the socket, as `flush` does."""

@@ -119,6 +119,10 @@ _STORED_IDS = (
 # Rust extension writes (`insert_sql`); larger ones by binary COPY, in the same query string.
 INSERT_MAX_EVENTS = 64
 INSERT_MAX_BYTES = 256 * 1024
+# The largest batch the event loop commits itself (encoding a COPY holds the loop: about
+# 0.3 ms per 1,000 events); larger ones go to the worker thread.
+LOOP_MAX_EVENTS = 2_000
+LOOP_MAX_BYTES = 1024 * 1024
 # The streams' new versions, the wake-up of other server processes' live feeds (once per
 # batch, not per request: a NOTIFY in every transaction serializes commits cluster-wide), and
 # COMMIT — with, while someone subscribes, the committed rows read back (`_ROWS`) so that this
@@ -224,10 +228,12 @@ def _keys(requests: Sequence[AppendRequest]) -> dict[tuple[str, str], int]:
     return keys
 
 
-def _small(requests: Sequence[AppendRequest]) -> bool:
-    """Whether `requests`' events go in by INSERT (else by COPY)."""
-    return (sum(request.event_count for request in requests) <= INSERT_MAX_EVENTS
-            and sum(request.payload_bytes for request in requests) <= INSERT_MAX_BYTES)
+def _small(requests: Sequence[AppendRequest], max_events: int = INSERT_MAX_EVENTS,
+           max_bytes: int = INSERT_MAX_BYTES) -> bool:
+    """Whether `requests`' events go in by INSERT (else by COPY), or with other limits,
+    whether they are within those."""
+    return (sum(request.event_count for request in requests) <= max_events
+            and sum(request.payload_bytes for request in requests) <= max_bytes)
 
 
 class AppendWriter:
@@ -343,12 +349,14 @@ class AppendWriter:
         recovery from any failure of the loop's attempt — runs in a worker thread."""
         guess = self._guess_turn()
         failure: Exception | None = None
-        if guess and _small([pending.request for pending in batch]):
+        if guess and _small([pending.request for pending in batch], LOOP_MAX_EVENTS,
+                            LOOP_MAX_BYTES):
             guess = False  # whatever happens here, the thread does not guess this batch again
             statement = self._guessed_statement(batch)
             if statement is not None:
                 try:
-                    results = await _exec_all_in_loop(statement.conn, statement.text)
+                    results = await _exec_all_in_loop(statement.conn, statement.text,
+                                                      statement.copy)
                     self._finish(statement, results)
                 except Exception as exc:
                     failure = self._translated(exc, statement)
@@ -854,14 +862,18 @@ def _exec_all(conn: psycopg.Connection[TupleRow], text: str, copy: bytes | None 
 
 
 async def _exec_all_in_loop(conn: psycopg.Connection[TupleRow], text: str,
-                            ) -> list[pq.abc.PGresult]:
-    """`_exec_all` (without COPY) from the event loop: libpq is only asked for what it
-    already has, and Trio waits for the connection's socket."""
+                            copy: bytes | None = None) -> list[pq.abc.PGresult]:
+    """`_exec_all` from the event loop: libpq is only asked for what it already has (or
+    to queue what it has room for), and Trio waits for the connection's socket."""
     pgconn = conn.pgconn
     fd = pgconn.socket
+
+    async def flush() -> None:
+        while pgconn.flush():
+            await trio.lowlevel.wait_writable(fd)
+
     pgconn.send_query(text.encode(conn.info.encoding))
-    while pgconn.flush():
-        await trio.lowlevel.wait_writable(fd)
+    await flush()
     results = _Results()
     while True:
         try:
@@ -874,6 +886,18 @@ async def _exec_all_in_loop(conn: psycopg.Connection[TupleRow], text: str,
             break
         if result is None:
             break
+        if result.status == pq.ExecStatus.COPY_IN and copy is not None:
+            view = memoryview(copy)
+            for start in range(0, len(view), libpq.COPY_CHUNK):
+                while not pgconn.put_copy_data(view[start:start + libpq.COPY_CHUNK]):
+                    await trio.lowlevel.wait_writable(fd)
+                    pgconn.flush()
+            while not pgconn.put_copy_end():
+                await trio.lowlevel.wait_writable(fd)
+                pgconn.flush()
+            await flush()
+            copy = None
+            continue
         results.add(pgconn, result)
     return results.outcome(conn)
 
