@@ -35,6 +35,7 @@ from typing import Any
 import anyio
 import grpc
 import orjson
+import psycopg
 import purerpc
 import pytest
 import trio
@@ -1072,6 +1073,47 @@ async def test_two_server_processes_deliver_each_others_commits(pg_cluster: PgCl
         tail = "\n".join(proc.stderr[-20:])
         assert proc.returncode == 0, f"serve exited with {proc.returncode} on SIGTERM:\n{tail}"
         assert not any("Traceback" in line for line in proc.stderr), tail
+
+
+async def test_the_commit_listener_reconnects(nursery: trio.Nursery, database_url: str) -> None:
+    """The LISTEN connection is terminated: the listener connects again by itself, and a
+    commit by another process (its NOTIFY the only wake-up: LIVE_POLL_MS is a minute) still
+    reaches subscribers promptly."""
+    info = await start_server(nursery, make_settings(database_url, live_poll_ms=60_000))
+    prompt = Sub("prompt")
+
+    def listener_pids() -> list[int]:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname ="
+                                " current_database() AND query = 'LISTEN eventstore_commits'")
+            return [int(pid) for pid, in rows]
+
+    with trio.fail_after(40):
+        async with purerpc_channel(info.port) as channel:
+            stream = await open_raw_subscription(
+                channel, "SubscribeToAll", pb.SubscribeAllRequest(include_existing=False))
+            await read_raw(stream, prompt, is_caught_up)
+            (old,) = listener_pids()
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (old,))
+            pids: list[int] = []
+            for _ in range(300):  # the listener waits a second before reconnecting
+                pids = [pid for pid in listener_pids() if pid != old]
+                if pids:
+                    break
+                await trio.sleep(0.05)
+            assert pids, "the listener did not reconnect"
+            # Another process's commit, as its writer would make it.
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute(
+                    "INSERT INTO events (event_id, stream_id, stream_type, version, event_type,"
+                    " data, position, created_at) VALUES (gen_random_uuid(), gen_random_uuid(),"
+                    " 'Elsewhere', 1, 'Happened', '{}', 1, now()); NOTIFY eventstore_commits")
+            sent = time.monotonic()
+            with trio.fail_after(10):
+                await read_raw(stream, prompt, has_events(1))
+            assert time.monotonic() - sent < 5
+            assert prompt.events[0].stream_type == "Elsewhere"
 
 
 # =================================================================================================

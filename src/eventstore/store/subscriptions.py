@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import psycopg
 import trio
+from psycopg.rows import TupleRow
 
 from eventstore._es_codec import encode_event_list
 from eventstore.config import Settings
@@ -370,57 +371,40 @@ async def listen_for_commits(url: str, feed: LiveFeed,
     the backend pid they carry, are ignored). Reconnects by itself; the feed's poll covers the
     time it is away.
 
-    The waiting happens in a worker thread that is abandoned on cancellation (a blocked libpq
-    wait cannot be interrupted); the thread then closes the connection itself.
+    The event loop waits on the connection's socket itself: a worker thread blocked in libpq
+    would be woken by every commit of this process's own writer too, and then compete with
+    the event loop for the GIL just to skip that notification.
     """
     task_status.started()
-    state: dict[str, object] = {"conn": None, "stopping": False, "waiting": False}
-
-    def wait_for_notifies() -> int:
-        conn = state["conn"]
-        if not isinstance(conn, psycopg.Connection) or conn.closed:
-            conn = connect(url, autocommit=True)
-            conn.execute(f"LISTEN {COMMIT_CHANNEL}")
-            state["conn"] = conn
-        try:
-            # Return on the first notification from another process's writer, or after about
-            # a second without one (so cancellation is noticed). This process's own writer
-            # notifies once per commit: those are skipped here, in the thread, rather than
-            # costing the event loop a round trip each.
-            deadline = time.monotonic() + 1.0
-            own = own_writer_pid()
-            while not state["stopping"]:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return 0
-                for n in conn.notifies(timeout=min(remaining, 0.5), stop_after=1):
-                    if n.pid != own:
-                        return 1
-            return 0
-        finally:
-            state["waiting"] = False
-            if state["stopping"]:
-                conn.close()
-
+    conn: psycopg.Connection[TupleRow] | None = None
     try:
         while True:
             try:
-                state["waiting"] = True
-                received = await trio.to_thread.run_sync(wait_for_notifies,
-                                                         abandon_on_cancel=True)
-            except Exception as exc:
+                if conn is None or conn.closed:
+                    conn = await trio.to_thread.run_sync(_listening_connection, url)
+                pgconn = conn.pgconn
+                await trio.lowlevel.wait_readable(pgconn.socket)
+                pgconn.consume_input()
+                own = own_writer_pid()
+                woken = False
+                while (notify := pgconn.notifies()) is not None:
+                    woken = woken or notify.be_pid != own
+                if woken:
+                    feed.wake()
+            except psycopg.Error as exc:
                 if not is_connection_error(exc):
                     raise
-                conn = state["conn"]
-                if isinstance(conn, psycopg.Connection):
+                log.warning("the commit listener lost its connection: %s", exc)
+                if conn is not None:
                     conn.close()
-                state["conn"] = None
+                conn = None
                 await trio.sleep(1.0)
-                continue
-            if received:
-                feed.wake()
     finally:
-        state["stopping"] = True
-        conn = state["conn"]
-        if not state["waiting"] and isinstance(conn, psycopg.Connection):
+        if conn is not None:
             conn.close()
+
+
+def _listening_connection(url: str) -> psycopg.Connection[TupleRow]:
+    conn = connect(url, autocommit=True)
+    conn.execute(f"LISTEN {COMMIT_CHANNEL}")
+    return conn
