@@ -343,26 +343,27 @@ class AppendWriter:
     async def _commit_batch(self, batch: Sequence[PendingAppend]) -> list[Outcome]:
         """Commit `batch` (the caller shields this: a COMMIT is never abandoned).
 
-        A small batch the writer can guess for is committed from the event loop itself, with
-        the connection's socket waited on by Trio: its one round trip then costs no thread
-        hand-off either way. Everything else — a COPY, the usual two round trips, retries and
-        recovery from any failure of the loop's attempt — runs in a worker thread."""
+        A batch the writer can guess for, up to `LOOP_MAX_EVENTS` and `LOOP_MAX_BYTES`, is
+        committed from the event loop itself, with the connection's socket waited on by Trio:
+        its one round trip then costs no thread hand-off either way. Everything else — a
+        larger COPY, the usual two round trips, retries and recovery from any failure of the
+        loop's attempt — runs in a worker thread."""
         guess = self._guess_turn()
         failure: Exception | None = None
         if guess and _small([pending.request for pending in batch], LOOP_MAX_EVENTS,
                             LOOP_MAX_BYTES):
             guess = False  # whatever happens here, the thread does not guess this batch again
-            statement = self._guessed_statement(batch)
-            if statement is not None:
-                try:
+            statement: _Statement | None = None
+            try:
+                statement = self._guessed_statement(batch)
+                if statement is not None:
                     results = await _exec_all_in_loop(statement.conn, statement.text,
                                                       statement.copy)
                     self._finish(statement, results)
-                except Exception as exc:
-                    failure = self._translated(exc, statement)
-                else:
                     self._hit()
                     return statement.planned
+            except Exception as exc:
+                failure = exc if statement is None else self._translated(exc, statement)
         return await trio.to_thread.run_sync(self._commit, batch, failure, guess)
 
     @staticmethod
@@ -401,6 +402,10 @@ class AppendWriter:
 
     def _rollback(self) -> None:
         if self._conn is not None:
+            if self._conn.pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+                # A query still running (an attempt that failed half-way): start afresh.
+                self._drop_connection()
+                return
             try:
                 self._conn.rollback()
             except Exception as exc:
