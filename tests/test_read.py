@@ -8,11 +8,12 @@ import orjson
 import pytest
 import trio
 
-from eventstore.server import serve
+from eventstore.server import ServerInfo, serve
 from eventstore.v1 import eventstore_pb2 as pb
 from tests.clients import PurerpcClient, RpcError
 from tests.conftest import make_settings
 from tests.helpers import STREAM_TYPE, append, events, new_event, read_all, read_stream, sid
+from tests.helpers import get as get_http
 
 
 def get(stream: str, **kw: Any) -> pb.GetEventsRequest:
@@ -84,6 +85,45 @@ async def test_get_events_agrees_with_its_stream_version_while_appends_go_on(
                 checked += 1
         stop.set()
     assert checked == 150
+
+
+def prefetch_counts(text: bytes) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        if line.startswith("eventstore_get_events_prefetch_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+async def test_later_pages_are_read_ahead_and_served_only_while_the_stream_stands(
+        server: ServerInfo, api: Any) -> None:
+    """Paging through a stream, the page after each later page is read ahead; a page read
+    ahead is served only when the stream has not moved since, otherwise read again (so a
+    client that appends between pages sees its own events)."""
+    stream = sid()
+    await append(api, stream, events(25))
+    versions: list[int] = []
+    next_from = 0
+    for _ in range(10):
+        reply = await api.call("GetEvents", get(stream, from_version=next_from, max_count=5))
+        versions += [e.version for e in reply.events]
+        assert reply.stream_version == 25
+        if not reply.has_more:
+            break
+        next_from = reply.next_from_version
+    assert versions == list(range(1, 26))
+    _, text, _ = await get_http(server.http_port, "/metrics")
+    # Page 2 reads page 3 ahead, page 3 page 4, page 4 page 5; the last page has no next.
+    assert prefetch_counts(text).get("hit") == 3
+
+    await api.call("GetEvents", get(stream, from_version=6, max_count=10))  # reads 16-25 ahead
+    await append(api, stream, events(4), expected=25)
+    reply = await api.call("GetEvents", get(stream, from_version=16, max_count=10))
+    assert [e.version for e in reply.events] == list(range(16, 26))
+    assert reply.stream_version == 29 and reply.has_more and reply.next_from_version == 26
+    _, text, _ = await get_http(server.http_port, "/metrics")
+    assert prefetch_counts(text) == {"hit": 3, "stale": 1}
 
 
 async def test_missing_stream_is_not_an_error(api: Any) -> None:

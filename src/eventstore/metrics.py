@@ -32,6 +32,11 @@ class Metrics:
             "One-round-trip commits tried, by outcome: hit (committed) or miss (the store had "
             "moved, e.g. another server process appended; the batch was committed the usual "
             "way).", ["outcome"], registry=r)
+        self.get_events_prefetch = Counter(
+            "eventstore_get_events_prefetch_total",
+            "GetEvents pages read ahead, by what became of them: hit (served), stale (the "
+            "stream moved; read again), unused (not asked for in time), failed.",
+            ["outcome"], registry=r)
         self.commit_seconds = Histogram(
             "eventstore_append_commit_seconds",
             "Time to commit one batch (lock to COMMIT, retries included).",

@@ -86,7 +86,7 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
         log.warning("the gRPC port speaks plaintext (TLS_CERT_FILE is unset)")
     metrics = Metrics()
     writer = AppendWriter(url, settings, metrics)
-    reader = Reader(url, settings)
+    reader = Reader(url, settings, metrics)
     reader.open()
     snapshots = Snapshots(url, settings, metrics)
     snapshots.open()

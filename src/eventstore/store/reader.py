@@ -13,8 +13,9 @@ docs/design/global-order.md).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 import outcome
@@ -29,6 +30,7 @@ from eventstore.config import Settings
 from eventstore.db import libpq
 from eventstore.db.connection import APPLICATION_NAME
 from eventstore.db.errors import is_connection_error, result_error, to_domain
+from eventstore.metrics import Metrics
 from eventstore.store.live import LiveEvent, Selector
 from eventstore.store.snapshots import latest_snapshot, snapshot_message
 from eventstore.store.validation import (
@@ -57,6 +59,23 @@ _STREAM_EVENTS_UP_TO_ITS_VERSION = (
     " AND version >= %s AND version <= LEAST(%s::int8, (SELECT version FROM event_streams"
     " WHERE stream_id = %s AND stream_type = %s)) ORDER BY version LIMIT %s"
 )
+
+
+# GetEvents read-ahead: a client paging through a stream asks for the next page as soon as it
+# has read this one, so the next page is read while this one travels. It is served only after
+# a check that the stream's version is still the one it was read at (then a fresh read would
+# return exactly the same reply); at most this many wait, each for at most this long.
+PREFETCH_MAX = 16
+PREFETCH_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPage:
+    """A serialized GetEventsResponse and what it was read at."""
+
+    reply: bytes
+    stream_version: int
+    next_from: int | None  # the next page's from_version, when there is more
 
 
 def _configure(conn: Conn) -> None:
@@ -94,8 +113,10 @@ class BatchPage:
 class Reader:
     """Reads through a pool of connections, each use in a worker thread."""
 
-    def __init__(self, url: str, settings: Settings) -> None:
+    def __init__(self, url: str, settings: Settings, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics
+        self._prefetched: dict[StreamRange, tuple[float, Pending[EventsPage]]] = {}
         # Every read here is an index walk in key order. Before autovacuum has analyzed a
         # freshly loaded table the planner can choose a bitmap scan plus a sort of the whole
         # range for each page (measured: catch-up 6x slower until ANALYZE); forbidding those
@@ -188,8 +209,57 @@ class Reader:
         return pending
 
     async def get_events(self, query: StreamRange) -> bytes:
-        """The serialized GetEventsResponse for `query`."""
-        return await self._run("reading a stream", lambda conn: self._get_events(conn, query))
+        """The serialized GetEventsResponse for `query`.
+
+        A request for a later page (`from_version` above 1) of a stream that has more starts
+        reading the page after it (see `PREFETCH_MAX`)."""
+        if query.include_snapshot:
+            return await self._run("reading a stream",
+                                   lambda conn: self._get_events(conn, query).reply)
+        page = await self._prefetched_page(query)
+        if page is None:
+            page = await self._run("reading a stream",
+                                   lambda conn: self._get_events_at_once(conn, query))
+        if page.next_from is not None and query.first > 1:
+            self._prefetch(replace(query, first=page.next_from))
+        return page.reply
+
+    async def _prefetched_page(self, query: StreamRange) -> EventsPage | None:
+        """The page read ahead for `query`, if there is one and the stream has not moved
+        since; None otherwise."""
+        entry = self._prefetched.pop(query, None)
+        if entry is None:
+            return None
+        try:
+            page = await entry[1].result()
+        except Exception:
+            self._count_prefetch("failed")
+            return None
+        version = await self._run("reading a stream", lambda conn: self._stream_version(
+            conn, query.stream_id, query.stream_type))
+        if version != page.stream_version:
+            self._count_prefetch("stale")
+            return None
+        self._count_prefetch("hit")
+        return page
+
+    def _prefetch(self, query: StreamRange) -> None:
+        now = time.monotonic()
+        waiting = self._prefetched
+        for key, (started, _) in list(waiting.items()):
+            if now - started > PREFETCH_SECONDS or len(waiting) >= PREFETCH_MAX:
+                del waiting[key]
+                self._count_prefetch("unused")
+        pending = self._start("reading a stream",
+                              lambda conn: self._get_events_at_once(conn, query))
+        if pending is not None:
+            if waiting.pop(query, None) is not None:
+                self._count_prefetch("unused")
+            waiting[query] = (now, pending)
+
+    def _count_prefetch(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.get_events_prefetch.labels(outcome).inc()
 
     async def read_all(self, query: PositionRange) -> bytes:
         """The serialized ReadAllResponse for `query`."""
@@ -255,6 +325,13 @@ class Reader:
             conn, stream_id, stream_type, version))
 
     # -- in worker threads --------------------------------------------------------------------
+
+    @staticmethod
+    def _stream_version(conn: Conn, stream_id: str, stream_type: str) -> int:
+        row = conn.execute(
+            "SELECT version FROM event_streams WHERE stream_id = %s AND stream_type = %s",
+            (stream_id, stream_type)).fetchone()
+        return int(row[0]) if row else 0
 
     @staticmethod
     def _head(conn: Conn) -> int:
@@ -383,17 +460,13 @@ class Reader:
             return BatchPage(body, count, last_version, last_position, True)
         return BatchPage(body, count, last_version, upper, upper < head)
 
-    def _get_events(self, conn: Conn, q: StreamRange) -> bytes:
+    def _get_events(self, conn: Conn, q: StreamRange) -> EventsPage:
         if not q.include_snapshot:
             return self._get_events_at_once(conn, q)
         reply = pb.GetEventsResponse()
         data = b""
         with conn.cursor() as cur:
-            row = cur.execute(
-                "SELECT version FROM event_streams WHERE stream_id = %s AND stream_type = %s",
-                (q.stream_id, q.stream_type),
-            ).fetchone()
-            reply.stream_version = int(row[0]) if row else 0
+            reply.stream_version = self._stream_version(conn, q.stream_id, q.stream_type)
             first = q.first
             # Never past the version read above: the snapshot and the events agree with
             # stream_version, even while appends and snapshot saves go on.
@@ -414,7 +487,7 @@ class Reader:
                 )
         return self._events_reply(reply, data, first, q)
 
-    def _get_events_at_once(self, conn: Conn, q: StreamRange) -> bytes:
+    def _get_events_at_once(self, conn: Conn, q: StreamRange) -> EventsPage:
         """GetEvents without a snapshot in one round trip: the stream's version and its events
         up to that version, read in one REPEATABLE READ transaction (one snapshot, so the events
         never go past the version reported, however appends go on)."""
@@ -428,9 +501,9 @@ class Reader:
                                   q.first, q)
 
     def _events_reply(self, reply: pb.GetEventsResponse, data: bytes, first: int,
-                      q: StreamRange) -> bytes:
-        """The serialized GetEventsResponse: `reply` (version, snapshot) with the events of
-        `data` (COPY output read from version `first` on), paging fields set."""
+                      q: StreamRange) -> EventsPage:
+        """The GetEventsResponse: `reply` (version, snapshot) with the events of `data` (COPY
+        output read from version `first` on), paging fields set."""
         events = b""
         if data:
             events, count, last_version, _, more = encode_events(
@@ -439,7 +512,8 @@ class Reader:
             if count:
                 first = last_version + 1
         reply.next_from_version = first
-        return events + reply.SerializeToString()
+        return EventsPage(events + reply.SerializeToString(), reply.stream_version,
+                          first if reply.has_more else None)
 
     def _read_all(self, conn: Conn, q: PositionRange) -> bytes:
         reply = pb.ReadAllResponse()
