@@ -38,6 +38,7 @@ import orjson
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import paired
 from progress import step
 
 from eventstore import _es_codec as codec
@@ -320,6 +321,12 @@ async def measure(url: str, port: int, seconds: float, quick: bool,
                   f"{r['events_per_s']:>9.0f} ev/s  p50 {r['p50_ms']:.2f} ms  "
                   f"p95 {r['p95_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
                   f"cpu {r['server_cpu_s_per_1000_events']:.3f} s/1k ev", flush=True)
+    # The gated ratios come from alternations of ours and the baseline (benches/paired.py).
+    pairs, pair_seconds = (3, 1.5) if quick else (5, 3.0)
+
+    async def rate(target: int, clients: int, batch: int, key: str = "events_per_s") -> float:
+        return (await append_load(target, clients, batch, pair_seconds, 200_000))[key]
+
     noop, noop_port = start_noop_server()
     try:
         with step("no-op purerpc unary, 64 clients"):
@@ -329,6 +336,9 @@ async def measure(url: str, port: int, seconds: float, quick: bool,
             noop_single = await append_load(noop_port, 1, 1, seconds, 200_000, noop.pid)
         with step("no-op purerpc streaming"):
             noop_stream = await noop_streaming(noop_port, 20_000 if quick else 100_000)
+        batch1_vs_noop = await paired(
+            "batch-1 appends, 64 clients / no-op unary", lambda: rate(port, 64, 1),
+            lambda: rate(noop_port, 64, 1, "requests_per_s"), pairs)
     finally:
         noop.kill()
         noop.wait()
@@ -337,8 +347,10 @@ async def measure(url: str, port: int, seconds: float, quick: bool,
     print(f"no-op purerpc unary, 1 client   {noop_single['requests_per_s']:>9.0f} calls/s  "
           f"p50 {noop_single['p50_ms']:.2f} ms  p99 {noop_single['p99_ms']:.2f} ms", flush=True)
     print(f"no-op purerpc streaming         {noop_stream:>9.0f} msgs/s", flush=True)
-    with step("raw binary COPY in"):
-        copy_in = raw_copy(url, 20_000 if quick else 50_000, 1000)
+    batch100_vs_copy = await paired(
+        "batch-100 appends, 16 clients / raw binary COPY", lambda: rate(port, 16, 100),
+        lambda: raw_copy(url, 10_000 if quick else 20_000, 1000), pairs)
+    copy_in = float(batch100_vs_copy["baseline"])  # type: ignore[arg-type]
     print(f"raw binary COPY in          {copy_in:>9.0f} ev/s", flush=True)
     with step("one-row INSERT + COMMIT"):
         one_row = insert_commit(url, seconds, 100_000)
@@ -348,17 +360,18 @@ async def measure(url: str, port: int, seconds: float, quick: bool,
         await seed_stream(port, stream, 10_000)
         settle(url)
     rounds = 3 if quick else 10
-    with step("GetEvents 10k stream"):
-        get_rate = await get_events_load(port, stream, rounds)
-    with step("COPY TO STDOUT same rows"):
-        out_rate = copy_out(url, stream, rounds)
+    get_vs_copy = await paired(
+        "GetEvents / COPY TO STDOUT, 10k-event stream",
+        lambda: get_events_load(port, stream, 1), lambda: copy_out(url, stream, 1),
+        2 * rounds + 1)
+    get_rate = float(get_vs_copy["ours"])  # type: ignore[arg-type]
+    out_rate = float(get_vs_copy["baseline"])  # type: ignore[arg-type]
     print(f"GetEvents 10k stream        {get_rate:>9.0f} ev/s", flush=True)
     print(f"COPY TO STDOUT same rows    {out_rate:>9.0f} ev/s", flush=True)
     with step("rebuild with snapshot / full replay"):
         with_snapshot, replay = await load_with_snapshot(port, stream, rounds * 3)
     print(f"rebuild 10k stream: snapshot@9900 + 100 events {1000 * with_snapshot:.2f} ms,"
           f" full replay {1000 * replay:.2f} ms", flush=True)
-    b100 = appends["batch100_clients16"]["events_per_s"]
     return {
         "appends": appends,
         "raw_copy_in_events_per_s": copy_in,
@@ -370,11 +383,13 @@ async def measure(url: str, port: int, seconds: float, quick: bool,
         "noop_streaming_messages_per_s": noop_stream,
         "rebuild_with_snapshot_ms": 1000 * with_snapshot,
         "rebuild_full_replay_ms": 1000 * replay,
+        "paired": {"batch100_appends_vs_copy_in": batch100_vs_copy,
+                   "get_events_vs_copy_out": get_vs_copy,
+                   "batch1_clients64_vs_noop_unary": batch1_vs_noop},
         "ratios": {
-            "batch100_appends_vs_copy_in": b100 / copy_in,
-            "get_events_vs_copy_out": get_rate / out_rate,
-            "batch1_clients64_vs_noop_unary": appends["batch1_clients64"]["events_per_s"]
-            / noop_unary["requests_per_s"],
+            "batch100_appends_vs_copy_in": batch100_vs_copy["ratio"],
+            "get_events_vs_copy_out": get_vs_copy["ratio"],
+            "batch1_clients64_vs_noop_unary": batch1_vs_noop["ratio"],
             # Informational (not gated): one client's append latency against the transport's
             # own floor, and group commit against one commit per event.
             "batch1_clients1_p50_vs_noop_p50": appends["batch1_clients1"]["p50_ms"]

@@ -35,6 +35,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core import SERVICE, new_events, settle, start_server, stop_process
+from paired import paired
 from progress import step
 
 from eventstore import _es_codec as codec
@@ -254,14 +255,14 @@ async def measure(url: str, port: int, quick: bool) -> dict[str, object]:
     # its next poll (LIVE_POLL_MS, 1 s) while nobody subscribes, so the catch-up below is
     # measured alone rather than racing the feed's read of the same backlog.
     await asyncio.sleep(1.5)
-    with step("SubscribeToAll catch-up"):
-        rate = await catch_up(port, total)
-    with step("COPY TO STDOUT of every event"):
-        baseline = copy_out_all(url)
+    pair = await paired("SubscribeToAll catch-up / COPY TO STDOUT",
+                        lambda: catch_up(port, total), lambda: copy_out_all(url), 3)
+    rate, baseline = float(pair["ours"]), float(pair["baseline"])  # type: ignore[arg-type]
     print(f"SubscribeToAll catch-up      {rate:>9.0f} ev/s", flush=True)
     print(f"COPY TO STDOUT same rows     {baseline:>9.0f} ev/s", flush=True)
     results.update({"catch_up_events_per_s": rate, "catch_up_copy_out_events_per_s": baseline,
-                    "ratios": {"catch_up_vs_copy_out": rate / baseline}})
+                    "paired": {"catch_up_vs_copy_out": pair},
+                    "ratios": {"catch_up_vs_copy_out": pair["ratio"]}})
     return results
 
 

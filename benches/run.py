@@ -91,8 +91,11 @@ async def measure_all(url: str, port: int, quick: bool, server_pid: int) -> dict
         live_results = await live.measure(url, port, quick)
     ratios = dict(results.pop("ratios"))  # type: ignore[call-overload]
     ratios.update(live_results.pop("ratios"))  # type: ignore[call-overload]
+    paired = dict(results.pop("paired"))  # type: ignore[call-overload]
+    paired.update(live_results.pop("paired"))  # type: ignore[call-overload]
     results.update(live_results)
     results["ratios"] = ratios
+    results["paired"] = paired
     return results
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 COMPARE = Path(__file__).resolve().parents[1] / "benches" / "compare.py"
 BASELINE = {"tolerance": 0.5, "ratios": {"a_vs_b": 0.6, "c_vs_d": 0.3}}
@@ -39,3 +40,29 @@ def test_gate_exit_codes(tmp_path: Path, ratios: dict[str, float], code: int) ->
 def test_tolerance_override(tmp_path: Path) -> None:
     assert gate(tmp_path, {"a_vs_b": 0.5, "c_vs_d": 0.3}, "--tolerance", "0.1")[0] == 1
     assert gate(tmp_path, {"a_vs_b": 0.55, "c_vs_d": 0.3}, "--tolerance", "0.1")[0] == 0
+
+
+def test_paired_ratios_alternate_and_take_the_median() -> None:
+    """benches/paired.py measures ours and the baseline in turn and gates on the median of
+    the pairs' ratios, so one pair taken while the machine was busy does not move it."""
+    sys.path.insert(0, str(COMPARE.parent))
+    try:
+        from paired import paired
+    finally:
+        sys.path.remove(str(COMPARE.parent))
+    calls: list[str] = []
+    ours_rates, baseline_rates = iter([10.0, 20.0, 30.0]), iter([10.0, 10.0, 60.0])
+
+    def ours() -> float:
+        calls.append("ours")
+        return next(ours_rates)
+
+    async def baseline() -> float:
+        calls.append("baseline")
+        return next(baseline_rates)
+
+    result = trio.run(paired, "test", ours, baseline, 3)
+    assert calls == ["ours", "baseline"] * 3
+    assert result["ratio"] == 1.0  # the pairs' ratios are 1, 2 and 0.5
+    assert (result["ours"], result["baseline"]) == (20.0, 10.0)
+    assert result["pairs"] == [[10.0, 10.0], [20.0, 10.0], [30.0, 60.0]]
