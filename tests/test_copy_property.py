@@ -306,7 +306,7 @@ def test_committed_rows_read_back_equal_copy_output(pg_cluster: PgCluster) -> No
             conn.execute("UPDATE tmp SET position = %s, event_id = gen_random_uuid()"
                          " WHERE ctid = (SELECT max(ctid) FROM tmp)", (first_position + count,))
             (result,) = _exec_all(
-                conn, _bind(conn, rows_query, (first_position, first_position + count - 1)))
+                conn, _bind(rows_query, (first_position, first_position + count - 1)))
             body = result.get_value(0, 0)  # text: \x and hex digits
             assert body is not None and body.startswith(b"\\x")
             assert COPY_HEADER + bytes.fromhex(body[2:].decode()) + COPY_TRAILER == expected
@@ -527,3 +527,27 @@ def test_json_numbers_agree_with_jsonb(pg_cluster: PgCluster) -> None:
 def test_json_edge_cases_agree_with_jsonb(pg_cluster: PgCluster, doc: str) -> None:
     with scratch_table(pg_cluster) as conn:
         check_agreement(conn, doc)
+
+
+def test_bound_literals_round_trip(pg_cluster: PgCluster) -> None:
+    """The writer binds its parameters as literals itself (eventstore.db.literals): text of
+    any kind, arrays of it, integers and timestamps come back from PostgreSQL as they went,
+    whatever the server's standard_conforming_strings."""
+    from eventstore.db.literals import bind
+
+    texts = st.text(unicode_chars, max_size=40)
+    tricky = st.sampled_from(["'", "\\", "\\'", "''", "E'x'", "%s", "{}", "NULL", "a,b", '"'])
+
+    with psycopg.connect(pg_cluster.fresh_database(), autocommit=True) as conn:
+        @SETTINGS
+        @given(text=texts | tricky, array=st.lists(texts | tricky, max_size=5),
+               number=st.integers(-(2**63), 2**63 - 1), at=created_ats, conforming=st.booleans())
+        def check(text: str, array: list[str], number: int, at: int, conforming: bool) -> None:
+            conn.execute(f"SET standard_conforming_strings = {'on' if conforming else 'off'}")
+            when = to_datetime(at)
+            query = bind("SELECT %s::text, %s::text[], %s::int8, %s",
+                         (text, array, number, when))
+            row = conn.execute(query.encode()).fetchone()
+            assert row == (text, array, number, when)
+
+        check()

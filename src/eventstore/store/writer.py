@@ -56,6 +56,7 @@ from eventstore.config import Settings
 from eventstore.db import libpq
 from eventstore.db.connection import connect
 from eventstore.db.errors import is_connection_error, is_data_error, result_error, to_domain
+from eventstore.db.literals import Literal, bind
 from eventstore.errors import (
     AlreadyExists,
     EventStoreError,
@@ -531,8 +532,8 @@ class AppendWriter:
             [event_id for request in requests for event_id in request.client_event_ids]
             if check_all_ids else []
         )
-        result = _exec(conn, _bind(conn, _BEGIN, (APPEND_LOCK_KEY, client_ids,
-                                                  [k[0] for k in keys], [k[1] for k in keys])))
+        result = _exec(conn, _bind(_BEGIN, (APPEND_LOCK_KEY, client_ids,
+                                            [k[0] for k in keys], [k[1] for k in keys])))
         head = int(result.get_value(0, 0) or 0)
         stored_rows = _json_rows(result.get_value(0, 1))
         version_rows = _json_rows(result.get_value(0, 2))
@@ -659,7 +660,7 @@ class AppendWriter:
 
     def _statement(self, conn: psycopg.Connection[TupleRow],
                    accepted: Sequence[tuple[AppendRequest, int]], planned: list[Outcome],
-                   head: int, begin: str, begin_params: tuple[object, ...]) -> _Statement:
+                   head: int, begin: str, begin_params: tuple[Literal, ...]) -> _Statement:
         """The query string that stores the `accepted` requests at positions from `head` + 1
         and commits, after `begin` (the one-round-trip commit's first steps, or nothing when
         the transaction is already open)."""
@@ -680,8 +681,8 @@ class AppendWriter:
                      and self.rows_wanted())
         insert = insert_sql(requests, firsts, head + 1, now.isoformat()) if small else (
             COPY_EVENTS)
-        text = _bind(conn, begin, begin_params) + insert + _bind(
-            conn, _FINISH + (_ROWS if want_rows else "") + _COMMIT,
+        text = _bind(begin, begin_params) + insert + _bind(
+            _FINISH + (_ROWS if want_rows else "") + _COMMIT,
             (now, now, [k[0] for k in final], [k[1] for k in final], list(final.values()))
             + ((head + 1, head + count) if want_rows else ()))
         return _Statement(
@@ -787,9 +788,9 @@ class AppendWriter:
                 )
 
 
-def _bind(conn: psycopg.Connection[TupleRow], query: str, params: tuple[object, ...]) -> str:
+def _bind(query: str, params: tuple[Literal, ...]) -> str:
     """`query` with its parameters bound client-side (as SQL literals)."""
-    return psycopg.ClientCursor(conn).mogrify(query, params) if query else ""
+    return bind(query, params) if query else ""
 
 
 def _exec(conn: psycopg.Connection[TupleRow], text: str) -> pq.abc.PGresult:
