@@ -377,11 +377,22 @@ async def listen_for_commits(url: str, feed: LiveFeed,
     """
     task_status.started()
     conn: psycopg.Connection[TupleRow] | None = None
+    stopping = False
+
+    def open_listening() -> psycopg.Connection[TupleRow]:
+        opened = connect(url, autocommit=True)
+        opened.execute(f"LISTEN {COMMIT_CHANNEL}")
+        if stopping:  # abandoned meanwhile (see below)
+            opened.close()
+        return opened
+
     try:
         while True:
             try:
                 if conn is None or conn.closed:
-                    conn = await trio.to_thread.run_sync(_listening_connection, url)
+                    # Abandoned on cancellation: connecting to a database that does not answer
+                    # must not hold up the server's shutdown (connect_timeout is 5 s).
+                    conn = await trio.to_thread.run_sync(open_listening, abandon_on_cancel=True)
                 pgconn = conn.pgconn
                 await trio.lowlevel.wait_readable(pgconn.socket)
                 pgconn.consume_input()
@@ -400,11 +411,6 @@ async def listen_for_commits(url: str, feed: LiveFeed,
                 conn = None
                 await trio.sleep(1.0)
     finally:
+        stopping = True
         if conn is not None:
             conn.close()
-
-
-def _listening_connection(url: str) -> psycopg.Connection[TupleRow]:
-    conn = connect(url, autocommit=True)
-    conn.execute(f"LISTEN {COMMIT_CHANNEL}")
-    return conn
