@@ -3,10 +3,13 @@ status table."""
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from dataclasses import dataclass, field
 from typing import cast
 
+import anyio
+import anyio.abc
 import h2.config
 import h2.connection
 import h2.exceptions
@@ -28,7 +31,7 @@ from eventstore.errors import (
     WrongExpectedVersion,
 )
 from eventstore.grpc.status import STATUS_OF, to_status
-from eventstore.grpc.transport import _Connection
+from eventstore.grpc.transport import _Connection, _EagerSocket
 from eventstore.store.batching import (
     Retry,
     Reused,
@@ -366,3 +369,60 @@ def test_log_formats_carry_the_structured_fields() -> None:
     assert json.loads(JsonFormatter().format(record))["grpc_port"] == 50051
     text = TextFormatter().format(record)
     assert "eventstore listening" in text and "grpc_port=50051" in text
+
+
+class _Frames:
+    """Stands in for purerpc's connection: the bytes queued for sending."""
+
+    def __init__(self) -> None:
+        self.queued: list[bytes] = []
+
+    def data_to_send(self) -> bytes:
+        data = b"".join(self.queued)
+        self.queued.clear()
+        return data
+
+
+async def test_send_now_writes_at_once_and_keeps_order_when_the_socket_is_full() -> None:
+    """A streaming reply goes to the socket without waiting while the socket takes it; once
+    the socket's buffer is full (a client that stopped reading) the rest waits, still in
+    order, and another stream's reply on the connection goes to the writer instead."""
+    listeners = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    listener = listeners.listeners[0]
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listeners, await anyio.connect_tcp("127.0.0.1", port) as reader:
+        async with await listener.accept() as stream:  # type: ignore[attr-defined]
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            frames = _Frames()
+            eager = _EagerSocket(frames, stream)
+            # Two streams' replies in the same scheduling round both leave at once: the lock
+            # is not held across a yield (else the second went to the writer task).
+            sent: list[bool] = []
+
+            async def reply(data: bytes) -> None:
+                frames.queued.append(data)
+                sent.append(await eager.send_now())
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reply, b"a" * 50)
+                    nursery.start_soon(reply, b"a" * 50)
+                assert sent == [True, True] and frames.queued == []
+                first = b""
+                while len(first) < 100:
+                    first += await reader.receive()
+                assert first == b"a" * 100
+            big = bytes(range(256)) * 8192  # 2 MiB: far more than the socket takes
+            frames.queued.append(big)
+            received = bytearray()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(eager.send_now)
+                await trio.sleep(0.1)
+                frames.queued.append(b"later")
+                assert not await eager.send_now()  # the first send still holds the socket
+                with trio.fail_after(10):
+                    while len(received) < len(big):
+                        received += await reader.receive()
+            assert bytes(received) == big
+            assert frames.queued == [b"later"]  # left for the writer task

@@ -85,6 +85,9 @@ class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
     def __init__(self, grpc_connection: Any, stream: Any) -> None:
         super().__init__(grpc_connection, stream)
         self._send_lock = trio.Lock()
+        # The plain TCP socket (None under TLS, whose bytes must go through the TLS stream).
+        self._raw = (stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                     if isinstance(stream, anyio.abc.SocketStream) else None)
 
     async def _writer_thread(self) -> None:
         while True:
@@ -101,7 +104,13 @@ class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
     async def send_now(self) -> bool:
         """Send what is pending unless a send is in progress (then its sender takes this too:
         purerpc's flush has already woken the writer task). True if this task sent (and so
-        yielded to Trio)."""
+        yielded to Trio).
+
+        The bytes go to the socket without yielding while the lock is held: Trio's socket send
+        yields after its system call, and a lock held across that yield sent every other
+        subscription of the connection woken in the same round to the writer task, after
+        the whole round — the first subscriber on each connection got its event at once,
+        the rest only once all of them had been framed."""
         try:
             self._send_lock.acquire_nowait()
         except trio.WouldBlock:
@@ -110,10 +119,27 @@ class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
             data = self._grpc_connection.data_to_send()
             if not data:
                 return False
-            await self._stream.send(data)
-            return True
+            sent = self._send_at_once(data)
+            if sent < len(data):
+                # The socket's buffer is full (a slow reader): the rest goes the waiting
+                # way, still under the lock, so bytes keep their order.
+                await self._stream.send(data[sent:])
+                return True
         finally:
             self._send_lock.release()
+        await trio.lowlevel.checkpoint()
+        return True
+
+    def _send_at_once(self, data: bytes) -> int:
+        """As much of `data` as the socket takes now, without waiting (0 under TLS)."""
+        if self._raw is None:
+            return 0
+        try:
+            return int(self._raw.send(data))
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise anyio.BrokenResourceError from exc
 
 
 # An HTTP/2 frame header: 24-bit length and 8-bit type (as one int), flags, stream id.
