@@ -252,7 +252,8 @@ class AppendWriter:
         self._busy = False
         self._batch_done = trio.Event()
         self._listeners: list[BatchListener] = []
-        # Ranges committed by the worker thread, announced by the writer task.
+        # Ranges committed (by the worker thread or the loop's attempt), announced by the
+        # writer task.
         self._committed: list[tuple[int, int, int, bytes | None]] = []
         # Whether to read committed rows back for the listeners (asked once per batch).
         self.rows_wanted: Callable[[], bool] = lambda: False
@@ -675,9 +676,7 @@ class AppendWriter:
             key = (request.stream_id, request.stream_type)
             final[key] = max(final.get(key, 0), first + request.event_count - 1)
         # Read back only small batches: the read runs under the append lock.
-        want_rows = (count <= READ_BACK_MAX_EVENTS
-                     and sum(request.payload_bytes for request in requests)
-                     <= READ_BACK_MAX_BYTES
+        want_rows = (_small(requests, READ_BACK_MAX_EVENTS, READ_BACK_MAX_BYTES)
                      and self.rows_wanted())
         insert = insert_sql(requests, firsts, head + 1, now.isoformat()) if small else (
             COPY_EVENTS)
