@@ -23,9 +23,9 @@ streamed in the middle of it).
 When the writer can tell the head position and the batch's streams' versions without asking
 (it remembers what its own commits left, and a client that states an expected version is
 usually right), steps 2-4 become a guard in the same query string as steps 5-6: the whole
-transaction is one round trip. The guard (`eventstore_expect`, migration 002) aborts it before
-anything is written when the store is not as expected (another server process appended, or a
-guess was wrong); the batch is then committed the usual way, and after repeated misses the
+transaction is one round trip. The guard (`eventstore_begin_append`, migration 003) aborts it
+before anything is written when the store is not as expected (another server process appended,
+or a guess was wrong); the batch is then committed the usual way, and after repeated misses the
 writer stops guessing for a while. Such a commit of a small batch (an INSERT, no COPY) runs
 from the event loop itself, Trio waiting on the connection's socket; everything else runs in a
 worker thread (`_commit`), which also takes over whenever the loop's attempt fails.
@@ -97,15 +97,11 @@ _BEGIN = (
     " FROM event_streams s JOIN unnest(%s::uuid[], %s::text[]) AS k(id, t)"
     " ON s.stream_id = k.id AND s.stream_type = k.t)"
 )
-# The one-round-trip commit's steps 1-4: BEGIN, the lock, and the guard that the head and
-# the streams' versions are the ones the batch was decided on.
+# The one-round-trip commit's steps 1-4: BEGIN, then the lock and the guard that the head and
+# the streams' versions are the ones the batch was decided on (migration 003: a function, so
+# PostgreSQL plans its queries once per connection, not in every transaction).
 _GUARDED_BEGIN = (
-    "BEGIN; SELECT pg_advisory_xact_lock(%s);"
-    " SELECT eventstore_expect((SELECT coalesce(max(position), 0) FROM events) = %s"
-    " AND NOT EXISTS (SELECT FROM unnest(%s::uuid[], %s::text[], %s::int8[]) AS k(id, t, v)"
-    " WHERE coalesce((SELECT s.version FROM event_streams s"
-    " WHERE s.stream_id = k.id AND s.stream_type = k.t), 0) <> k.v),"
-    " 'head position or stream versions moved');"
+    "BEGIN; SELECT eventstore_begin_append(%s, %s, %s::uuid[], %s::text[], %s::int8[]);"
 )
 STALE_SQLSTATE = "ES001"
 # How many versions the writer remembers, and how many batches it commits the usual way after
@@ -127,14 +123,8 @@ LOOP_MAX_BYTES = 1024 * 1024
 # The streams' new versions, the wake-up of other server processes' live feeds (once per
 # batch, not per request: a NOTIFY in every transaction serializes commits cluster-wide), and
 # COMMIT — with, while someone subscribes, the committed rows read back (`_ROWS`) so that this
-# process's live feed need not read them again.
-_FINISH = (
-    "INSERT INTO event_streams AS s (stream_id, stream_type, version, created_at, updated_at)"
-    " SELECT k.id, k.t, k.v, %s, %s FROM unnest(%s::uuid[], %s::text[], %s::int8[]) AS k(id, t, v)"
-    " ON CONFLICT (stream_id, stream_type)"
-    " DO UPDATE SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at;"
-    " NOTIFY eventstore_commits;"
-)
+# process's live feed need not read them again. The first two are one function (migration 003).
+_FINISH = "SELECT eventstore_finish_append(%s::uuid[], %s::text[], %s::int8[], %s);"
 # Rows between two positions as the tuples of `COPY … TO STDOUT (FORMAT BINARY)` — the very
 # bytes the readers get, which the Rust extension turns into Events (*_send are the binary
 # output functions COPY uses) — in one value, inside the transaction (its own rows).
@@ -682,7 +672,7 @@ class AppendWriter:
             COPY_EVENTS)
         text = _bind(begin, begin_params) + insert + _bind(
             _FINISH + (_ROWS if want_rows else "") + _COMMIT,
-            (now, now, [k[0] for k in final], [k[1] for k in final], list(final.values()))
+            ([k[0] for k in final], [k[1] for k in final], list(final.values()), now)
             + ((head + 1, head + count) if want_rows else ()))
         return _Statement(
             conn=conn, text=text,
