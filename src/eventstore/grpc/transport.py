@@ -27,7 +27,13 @@ from anyio.streams.tls import TLSAttribute
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import SocketWrapper
 from purerpc.grpclib.connection import GRPCConfiguration, GRPCConnection
-from purerpc.grpclib.events import RequestReceived
+from purerpc.grpclib.events import (
+    MessageReceived,
+    RequestEnded,
+    RequestReceived,
+    ResponseEnded,
+    WindowUpdated,
+)
 from purerpc.grpclib.exceptions import StreamClosedError
 from purerpc.grpclib.status import Status, StatusCode
 
@@ -55,18 +61,6 @@ CLIENT_GONE = (
 
 # purerpc tears a whole connection down for a message over its limit; keep ours below it.
 TRANSPORT_MAX_MESSAGE = 32 * 1024 * 1024
-
-
-class _Serialized:
-    """A reply that is already serialized (purerpc calls SerializeToString on replies)."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def SerializeToString(self) -> bytes:
-        return self._data
 
 
 class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
@@ -181,6 +175,60 @@ _MESSAGE_PREFIX = struct.Struct(">?I")
 
 
 class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
+    # purerpc's: the request's headers and its end, and whether the response has started.
+    _start_stream_event: Any
+    _end_stream_event: Any
+    _response_started: bool
+
+    async def _receive(self) -> Any:
+        """purerpc's, without a yield to Trio when the event is already queued: a unary
+        call's headers, message and end usually arrive in one read, and each yield costs a
+        round of the scheduler before the handler starts."""
+        incoming = self._incoming_events[1]
+        try:
+            event = incoming.receive_nowait()
+        except anyio.WouldBlock:
+            event = await incoming.receive()
+        if isinstance(event, MessageReceived):
+            self._grpc_connection.acknowledge_received_data(self._stream_id,
+                                                            event.flow_controlled_length)
+            await self._socket.flush()
+        elif isinstance(event, RequestEnded | ResponseEnded):
+            assert self._end_stream_event is None
+            self._end_stream_event = event
+        else:
+            assert self._start_stream_event is None
+            self._start_stream_event = event
+        return event
+
+    async def close(self, status: Status | None = None, content_type_suffix: str = "",
+                    custom_metadata: Any = ()) -> None:
+        """purerpc's, with the response's headers framed first when they have not been sent
+        (a unary call's are sent with its reply): an error then still ends with trailers of
+        its own, not a trailers-only response, whose metadata purerpc's clients do not read
+        as trailing metadata."""
+        if not self._response_started:
+            self._grpc_connection.start_response(self._stream_id, "+proto")
+            self._response_started = True
+        await super().close(status, content_type_suffix, custom_metadata)
+
+    async def send_unary(self, data: bytes) -> None:
+        """Answer a unary call: its headers, its message and the OK trailers, framed together
+        and written to the socket by this task (purerpc sent the headers on their own when the
+        call started, and each of its sends woke the connection's writer task)."""
+        connection = self._grpc_connection
+        connection.start_response(self._stream_id, "+proto")
+        self._response_started = True
+        message = _MESSAGE_PREFIX.pack(False, len(data)) + data
+        if len(message) <= connection.flow_control_window(self._stream_id):
+            connection.send_data(self._stream_id, message)
+        else:
+            await self._send(data)
+        self._close_local()
+        connection.end_response(self._stream_id, Status(StatusCode.OK))
+        if not await self._socket.send_now():
+            await self._socket.flush()
+
     async def send_eagerly(self, data: bytes) -> None:
         """Send one serialized streaming reply and yield to Trio once (the streaming loops
         must; purerpc's send path does not while the HTTP/2 window is open).
@@ -207,6 +255,33 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
         super().__init__(config, stream)
         self._grpc_connection = _Connection(config)
         self._socket = _EagerSocket(self._grpc_connection, stream)
+
+    async def _listen(self) -> AsyncIterator[_EagerStream]:
+        """purerpc's, handing each event to its stream without a yield to Trio (the streams'
+        queues are unbounded): one read of the socket, one yield."""
+        streams = self._streams
+        while True:
+            try:
+                data = await self._socket.recv(self._receive_buffer_size)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return
+            events = self._grpc_connection.receive_data(data)
+            await self._socket.flush()
+            for event in events:
+                if isinstance(event, WindowUpdated):
+                    if event.stream_id == 0:
+                        for stream in streams.values():
+                            await stream._set_flow_control_update()
+                    elif event.stream_id in streams:
+                        await streams[event.stream_id]._set_flow_control_update()
+                    continue
+                if isinstance(event, RequestReceived):
+                    self._allocate_stream(event.stream_id)
+                streams[event.stream_id]._incoming_events[0].send_nowait(event)
+                if isinstance(event, RequestReceived):
+                    yield streams[event.stream_id]
+                elif isinstance(event, RequestEnded | ResponseEnded):
+                    streams[event.stream_id]._close_remote()
 
 
 @dataclass(frozen=True)
@@ -269,7 +344,6 @@ class GrpcServer:
     async def _request(self, stream: _EagerStream, peer: str,
                        certificate: Any) -> None:
         try:
-            await stream.start_response()
             event = await stream.receive_event()
             # Handlers see where the call came from (the audit log names it).
             event.peer = peer
@@ -314,17 +388,19 @@ class GrpcServer:
                 )
             if method.unary is not None:
                 reply = await method.unary(bytes(raw), event)
-                await stream.send_message(_Serialized(reply))
-            else:
-                assert method.stream is not None
-                replies = method.stream(bytes(raw), event)
-                try:
-                    async for reply in replies:
-                        await stream.send_eagerly(reply)
-                finally:
-                    aclose = getattr(replies, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
+                await stream.send_unary(reply)
+                return
+            assert method.stream is not None
+            # A stream's headers go at once: its first message may be long in coming.
+            await stream.start_response()
+            replies = method.stream(bytes(raw), event)
+            try:
+                async for reply in replies:
+                    await stream.send_eagerly(reply)
+            finally:
+                aclose = getattr(replies, "aclose", None)
+                if aclose is not None:
+                    await aclose()
             await stream.close(Status(StatusCode.OK))
         except CLIENT_GONE:
             # The client cancelled or disconnected: nobody is left to answer.
