@@ -44,7 +44,7 @@ from purerpc.grpclib.config import GRPCConfiguration
 
 from eventstore.config import Settings
 from eventstore.server import ServerInfo, serve
-from eventstore.store.subscriptions import HEARTBEAT_SECONDS, LiveFeed
+from eventstore.store.subscriptions import HEARTBEAT_SECONDS, LISTENER_NAME, LiveFeed
 from eventstore.v1 import eventstore_grpc
 from eventstore.v1 import eventstore_pb2 as pb
 from tests.clients import GrpcioClient, PurerpcClient
@@ -1085,7 +1085,8 @@ async def test_the_commit_listener_reconnects(nursery: trio.Nursery, database_ur
     def listener_pids() -> list[int]:
         with psycopg.connect(database_url, autocommit=True) as conn:
             rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname ="
-                                " current_database() AND query = 'LISTEN eventstore_commits'")
+                                " current_database() AND application_name = %s",
+                                (LISTENER_NAME,))
             return [int(pid) for pid, in rows]
 
     with trio.fail_after(40):
@@ -1114,6 +1115,39 @@ async def test_the_commit_listener_reconnects(nursery: trio.Nursery, database_ur
                 await read_raw(stream, prompt, has_events(1))
             assert time.monotonic() - sent < 5
             assert prompt.events[0].stream_type == "Elsewhere"
+
+
+async def test_commits_are_announced_only_while_another_server_listens(
+        nursery: trio.Nursery, database_url: str) -> None:
+    """Alone, a server does not NOTIFY its commits (each would only wake its own listener).
+    A listener that announces itself (as another server process's does when it connects) is
+    answered at once, and from then on the server's commits are announced."""
+    info = await start_server(nursery, make_settings(database_url))
+    acks = Acks()
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("LISTEN eventstore_commits")
+
+        async def heard(wanted: Callable[[str], bool], seconds: float) -> list[tuple[int, str]]:
+            got: list[tuple[int, str]] = []
+            deadline = trio.current_time() + seconds
+            while trio.current_time() < deadline and not any(wanted(p) for _, p in got):
+                other.pgconn.consume_input()
+                while (notify := other.pgconn.notifies()) is not None:
+                    got.append((notify.be_pid, notify.extra.decode()))
+                await trio.sleep(0.01)
+            return got
+
+        with trio.fail_after(30):
+            async with PurerpcClient.connect(info.port) as client:
+                await append(client, acks, str(uuid.uuid4()), "Alone", ["Happened"])
+                commits = [n for n in await heard(lambda p: p == "", 1.0) if n[1] == ""]
+                assert commits == [], "a server alone announced its commit"
+                other.execute("NOTIFY eventstore_commits, 'hello'")
+                answers = await heard(lambda p: p == "here", 10.0)
+                assert any(payload == "here" for _, payload in answers), answers
+                await append(client, acks, str(uuid.uuid4()), "Shared", ["Happened"])
+                commits = [n for n in await heard(lambda p: p == "", 10.0) if n[1] == ""]
+                assert len(commits) == 1, "the commit was not announced to the other listener"
 
 
 # =================================================================================================

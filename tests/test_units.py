@@ -47,6 +47,14 @@ from eventstore.store.live import (
     checkpoint_notification,
     frame,
 )
+from eventstore.store.peers import (
+    ANNOUNCE_SECONDS,
+    EXPIRY_SECONDS,
+    HELLO,
+    HERE,
+    Peers,
+    is_commit,
+)
 from eventstore.store.reader import Reader
 from eventstore.store.subscriptions import TICK_SECONDS, LiveFeed
 from eventstore.store.validation import (
@@ -426,3 +434,25 @@ async def test_send_now_writes_at_once_and_keeps_order_when_the_socket_is_full()
                         received += await reader.receive()
             assert bytes(received) == big
             assert frames.queued == [b"later"]  # left for the writer task
+
+
+def test_peers_decide_whether_commits_are_announced() -> None:
+    now = [100.0]
+    peers = Peers(clock=lambda: now[0])
+    # No listener yet (starting, or reconnecting): announce everything.
+    assert peers.present()
+    peers.listening(True)
+    assert not peers.present()  # alone
+    assert peers.heard(HELLO) == HERE  # a process starting: answer it
+    assert peers.present()
+    now[0] += EXPIRY_SECONDS - 1
+    assert peers.heard("") is None  # a commit
+    now[0] += EXPIRY_SECONDS - 1
+    assert peers.present()
+    assert peers.heard(HERE) is None
+    now[0] += EXPIRY_SECONDS
+    assert not peers.present()  # not heard from: gone
+    peers.listening(False)
+    assert peers.present()
+    assert EXPIRY_SECONDS > 3 * ANNOUNCE_SECONDS
+    assert is_commit("") and not is_commit(HELLO) and not is_commit(HERE)

@@ -22,6 +22,7 @@ from eventstore.grpc.transport import GrpcServer
 from eventstore.health import Health
 from eventstore.http import OperationsApp, serve_http
 from eventstore.metrics import Metrics
+from eventstore.store.peers import Peers
 from eventstore.store.reader import Reader
 from eventstore.store.snapshots import Snapshots, run_retention
 from eventstore.store.subscriptions import LiveFeed, listen_for_commits
@@ -102,6 +103,9 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
         writer.add_listener(committed)
         # While someone subscribes, the writer reads its small commits back for the feed.
         writer.rows_wanted = lambda: feed.subscribers > 0
+        # Commits are announced to other server processes only while there are any.
+        peers = Peers()
+        writer.notify_peers = peers.present
         service = EventStoreService(settings, writer, reader, feed, snapshots)
         grpc_server = GrpcServer(
             {**service.methods(), **health.methods()},
@@ -133,7 +137,7 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
             await nursery.start(authenticator.run)
             await nursery.start(writer.run)
             await nursery.start(feed.run)
-            await nursery.start(listen_for_commits, url, feed, lambda: writer.backend_pid)
+            await nursery.start(listen_for_commits, url, feed, lambda: writer.backend_pid, peers)
             await nursery.start(run_retention, snapshots, settings)
             http_port = await nursery.start(serve_http, http_app, settings.host,
                                             settings.http_port)

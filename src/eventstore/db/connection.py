@@ -11,7 +11,8 @@ APPLICATION_NAME = "eventstore"
 
 
 def connect(url: str, *, statement_timeout_ms: int = 0, autocommit: bool = False,
-            connect_timeout: int = 5, custom_plans: bool = False) -> psycopg.Connection[TupleRow]:
+            connect_timeout: int = 5, custom_plans: bool = False,
+            application_name: str = APPLICATION_NAME) -> psycopg.Connection[TupleRow]:
     """Open one connection with the service's session settings.
 
     `custom_plans`: plan every execution of a prepared statement for its actual parameters.
@@ -28,7 +29,7 @@ def connect(url: str, *, statement_timeout_ms: int = 0, autocommit: bool = False
     return psycopg.connect(
         url,
         autocommit=autocommit,
-        application_name=APPLICATION_NAME,
+        application_name=application_name,
         connect_timeout=connect_timeout,
         options=options,
     )

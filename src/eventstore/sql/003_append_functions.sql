@@ -31,8 +31,7 @@ BEGIN
 END
 $$;
 
--- The streams' new versions, and the wake-up of other server processes' live feeds (delivered
--- at COMMIT, like the NOTIFY statement it replaces).
+-- The streams' new versions.
 CREATE OR REPLACE FUNCTION eventstore_finish_append(stream_ids uuid[], stream_types text[],
                                                     versions bigint[], at timestamptz)
 RETURNS void
@@ -42,6 +41,5 @@ BEGIN
     SELECT k.id, k.t, k.v, at, at FROM unnest(stream_ids, stream_types, versions) AS k(id, t, v)
     ON CONFLICT (stream_id, stream_type)
     DO UPDATE SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at;
-    PERFORM pg_notify('eventstore_commits', '');
 END
 $$;

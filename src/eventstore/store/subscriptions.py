@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import psycopg
 import trio
+from psycopg import pq
 from psycopg.rows import TupleRow
 
 from eventstore._es_codec import encode_event_list
@@ -35,11 +36,14 @@ from eventstore.store.live import (
     checkpoint_notification,
     frame,
 )
+from eventstore.store.peers import ANNOUNCE_SECONDS, HELLO, HERE, Peers, is_commit
 from eventstore.store.reader import BatchPage, Pending, Reader
 
 log = logging.getLogger(__name__)
 
 COMMIT_CHANNEL = "eventstore_commits"
+# The listener's application_name (pg_stat_activity tells it from the other connections).
+LISTENER_NAME = "eventstore-listener"
 # A page of catch-up or of the feed's reads.
 READ_PAGE = 5_000
 # Bytes of one batch notification (grpcio's default receive limit is 4 MiB).
@@ -363,25 +367,31 @@ def _read_ahead(reader: Reader, selector: Selector, spec: SubscriptionSpec,
 
 
 async def listen_for_commits(url: str, feed: LiveFeed,
-                             own_writer_pid: Callable[[], int | None] = lambda: None, *,
+                             own_writer_pid: Callable[[], int | None] = lambda: None,
+                             peers: Peers | None = None, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                              ) -> None:
-    """Wake the feed on every NOTIFY from another server process's writer (one per committed
-    batch; this process's own writer wakes the feed directly, so its NOTIFYs, recognised by
-    the backend pid they carry, are ignored). Reconnects by itself; the feed's poll covers the
-    time it is away.
+    """Wake the feed on every commit NOTIFY from another server process's writer (one per
+    committed batch; this process's own writer wakes the feed directly, so its NOTIFYs,
+    recognised by the backend pid they carry, are ignored), and tell `peers` which other
+    server processes listen (`eventstore.store.peers`: announcing itself, answering and
+    repeating). Reconnects by itself; the feed's poll covers the time it is away.
 
     The event loop waits on the connection's socket itself: a worker thread blocked in libpq
     would be woken by every commit of this process's own writer too, and then compete with
     the event loop for the GIL just to skip that notification.
+
+    Reports started once its first connection is made (or has failed): a server is then ready
+    with its peers told of it.
     """
-    task_status.started()
+    peers = peers if peers is not None else Peers()
     conn: psycopg.Connection[TupleRow] | None = None
     stopping = False
+    started = False
 
     def open_listening() -> psycopg.Connection[TupleRow]:
-        opened = connect(url, autocommit=True)
-        opened.execute(f"LISTEN {COMMIT_CHANNEL}")
+        opened = connect(url, autocommit=True, application_name=LISTENER_NAME)
+        opened.execute(f"LISTEN {COMMIT_CHANNEL}; NOTIFY {COMMIT_CHANNEL}, '{HELLO}'")
         if stopping:  # abandoned meanwhile (see below)
             opened.close()
         return opened
@@ -393,24 +403,69 @@ async def listen_for_commits(url: str, feed: LiveFeed,
                     # Abandoned on cancellation: connecting to a database that does not answer
                     # must not hold up the server's shutdown (connect_timeout is 5 s).
                     conn = await trio.to_thread.run_sync(open_listening, abandon_on_cancel=True)
+                    peers.listening(True)
+                    beat_at = trio.current_time() + ANNOUNCE_SECONDS
+                if not started:
+                    task_status.started()
+                    started = True
                 pgconn = conn.pgconn
-                await trio.lowlevel.wait_readable(pgconn.socket)
-                pgconn.consume_input()
-                own = own_writer_pid()
+                own = (own_writer_pid(), pgconn.backend_pid)
                 woken = False
+                answer = None
                 while (notify := pgconn.notifies()) is not None:
-                    woken = woken or notify.be_pid != own
+                    if notify.be_pid in own:
+                        continue
+                    payload = notify.extra.decode()
+                    answer = peers.heard(payload) or answer
+                    woken = woken or is_commit(payload)
                 if woken:
                     feed.wake()
+                if answer is None and trio.current_time() >= beat_at:
+                    answer = HERE
+                if answer is not None:
+                    # Notifications arriving meanwhile wait in libpq: the loop reads them
+                    # before it waits on the socket again.
+                    await _notify_in_loop(pgconn, answer)
+                    beat_at = trio.current_time() + ANNOUNCE_SECONDS
+                    continue
+                with trio.move_on_at(beat_at):
+                    await trio.lowlevel.wait_readable(pgconn.socket)
+                pgconn.consume_input()
             except psycopg.Error as exc:
                 if not is_connection_error(exc):
                     raise
                 log.warning("the commit listener lost its connection: %s", exc)
+                peers.listening(False)
                 if conn is not None:
                     conn.close()
                 conn = None
+                if not started:
+                    task_status.started()
+                    started = True
                 await trio.sleep(1.0)
     finally:
         stopping = True
+        peers.listening(False)
         if conn is not None:
             conn.close()
+
+
+async def _notify_in_loop(pgconn: pq.abc.PGconn, payload: str) -> None:
+    """NOTIFY on the commit channel from the event loop (Trio waits on the socket)."""
+    fd = pgconn.socket
+    pgconn.send_query(f"NOTIFY {COMMIT_CHANNEL}, '{payload}'".encode())
+    while pgconn.flush():
+        await trio.lowlevel.wait_writable(fd)
+    failed = None
+    while True:
+        while pgconn.is_busy():
+            await trio.lowlevel.wait_readable(fd)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            break
+        if result.status != pq.ExecStatus.COMMAND_OK:
+            failed = (result.error_message or b"").decode(errors="replace")
+    if failed is not None:
+        # Whatever it was, a new connection is the way out (see the caller).
+        raise psycopg.OperationalError(f"NOTIFY failed: {failed}")

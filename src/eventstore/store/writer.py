@@ -15,7 +15,7 @@ it in one transaction:
    request (a later request on the same stream sees the earlier ones);
 5. the accepted events with dense positions: one binary COPY built by the Rust extension, or
    for a small batch one INSERT … VALUES whose text the extension writes;
-6. the streams' new versions, NOTIFY, COMMIT.
+6. the streams' new versions, NOTIFY (only while other server processes listen), COMMIT.
 
 Steps 1-4 are one round trip, and steps 5-6 another (one query string; a COPY's rows are
 streamed in the middle of it).
@@ -120,11 +120,13 @@ INSERT_MAX_BYTES = 256 * 1024
 # 0.3 ms per 1,000 events); larger ones go to the worker thread.
 LOOP_MAX_EVENTS = 2_000
 LOOP_MAX_BYTES = 1024 * 1024
-# The streams' new versions, the wake-up of other server processes' live feeds (once per
-# batch, not per request: a NOTIFY in every transaction serializes commits cluster-wide), and
-# COMMIT — with, while someone subscribes, the committed rows read back (`_ROWS`) so that this
-# process's live feed need not read them again. The first two are one function (migration 003).
+# The streams' new versions (migration 003), the wake-up of other server processes' live
+# feeds when there are any (`eventstore.store.peers`; once per batch, not per request: a NOTIFY
+# in every transaction serializes commits cluster-wide), and COMMIT — with, while someone
+# subscribes, the committed rows read back (`_ROWS`) so that this process's live feed need not
+# read them again.
 _FINISH = "SELECT eventstore_finish_append(%s::uuid[], %s::text[], %s::int8[], %s);"
+_NOTIFY = " NOTIFY eventstore_commits;"
 # Rows between two positions as the tuples of `COPY … TO STDOUT (FORMAT BINARY)` — the very
 # bytes the readers get, which the Rust extension turns into Events (*_send are the binary
 # output functions COPY uses) — in one value, inside the transaction (its own rows).
@@ -247,6 +249,8 @@ class AppendWriter:
         self._committed: list[tuple[int, int, int, bytes | None]] = []
         # Whether to read committed rows back for the listeners (asked once per batch).
         self.rows_wanted: Callable[[], bool] = lambda: False
+        # Whether other server processes listen for commits (asked once per batch).
+        self.notify_peers: Callable[[], bool] = lambda: True
         # What the writer last saw of the store (for the one-round-trip commit): the head
         # position (None: unknown), streams' versions (oldest first), and the guessing backoff.
         self._head: int | None = None
@@ -671,7 +675,8 @@ class AppendWriter:
         insert = insert_sql(requests, firsts, head + 1, now.isoformat()) if small else (
             COPY_EVENTS)
         text = _bind(begin, begin_params) + insert + _bind(
-            _FINISH + (_ROWS if want_rows else "") + _COMMIT,
+            _FINISH + (_NOTIFY if self.notify_peers() else "") + (_ROWS if want_rows else "")
+            + _COMMIT,
             ([k[0] for k in final], [k[1] for k in final], list(final.values()), now)
             + ((head + 1, head + count) if want_rows else ()))
         return _Statement(
