@@ -551,3 +551,8 @@ def test_bound_literals_round_trip(pg_cluster: PgCluster) -> None:
             assert row == (text, array, number, when)
 
         check()
+        # The ends of int8, and a negative number after a minus sign (no comment opens).
+        low, high = -(2**63), 2**63 - 1
+        row = conn.execute(bind("SELECT %s::int8, %s::int8, %s::int8[], 1 -%s",
+                                (low, high, [low, -1, high], -1)).encode()).fetchone()
+        assert row == (low, high, [low, -1, high], 2)

@@ -24,7 +24,9 @@ def literal(value: Literal) -> str:
     if isinstance(value, bool):
         raise TypeError("no booleans here")
     if isinstance(value, int):
-        return str(value)
+        # A negative one in parentheses: `-9223372036854775808::int8` casts before it negates
+        # (and overflows), and after a minus sign a bare `-5` would open a comment.
+        return str(value) if value >= 0 else f"({value})"
     if isinstance(value, str):
         if "\x00" in value:
             raise ValueError("text cannot hold NUL")
