@@ -193,3 +193,49 @@ async def test_a_connection_lost_between_commits_is_recovered_by_the_worker(
     reply = await a.append(stream, events(1), expected=4)
     assert (reply.first_position, a.guesses("hit")) == (5, 2)
     assert [(p, v) for p, _, v in stored(database_url)] == [(i, i) for i in range(1, 6)]
+
+
+def test_the_guard_sees_what_the_lock_holder_before_it_committed(database_url: str) -> None:
+    """The guard's check runs after the append lock is granted, on a snapshot taken then: a
+    transaction that waited for the lock while another appended sees that append and stops
+    (SQLSTATE ES001) instead of writing at a position already taken."""
+    from eventstore.store.writer import APPEND_LOCK_KEY, STALE_SQLSTATE
+
+    with psycopg.connect(database_url, autocommit=True) as probe:
+        head = probe.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()
+    assert head is not None
+    stream = sid()
+    guard = ("BEGIN; SELECT eventstore_begin_append(%s, %s, ARRAY[%s]::uuid[],"
+             " ARRAY[%s]::text[], ARRAY[0]::int8[])")
+    outcome: list[str | None] = []
+
+    def waiter() -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            try:
+                conn.execute(guard.replace("%s", "{}").format(
+                    APPEND_LOCK_KEY, head[0], f"'{stream}'", f"'{STREAM_TYPE}'"))
+                outcome.append(None)
+            except psycopg.Error as exc:
+                outcome.append(exc.sqlstate)
+
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
+        import threading
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        with psycopg.connect(database_url, autocommit=True) as probe:
+            for _ in range(500):  # until the waiter is blocked on the lock
+                waiting = probe.execute("SELECT count(*) FROM pg_locks WHERE locktype ="
+                                        " 'advisory' AND NOT granted").fetchone()
+                if waiting and waiting[0]:
+                    break
+                thread.join(0.01)
+            assert waiting and waiting[0], "the waiter never waited for the lock"
+        holder.execute(
+            "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, data,"
+            " position, created_at) VALUES (gen_random_uuid(), gen_random_uuid(), 'Elsewhere',"
+            " 1, 'Happened', '{}', %s, now())", (head[0] + 1,))
+        holder.commit()
+    thread.join(30)
+    assert outcome == [STALE_SQLSTATE]

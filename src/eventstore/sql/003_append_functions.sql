@@ -13,6 +13,8 @@
 -- takes a new snapshot, so the check sees whatever the lock's previous holder committed). When
 -- they are not, it aborts the transaction before anything is written (SQLSTATE ES001), and the
 -- writer commits the batch the usual way. `versions` holds 0 for a stream that must not exist.
+-- It replaces eventstore_expect (002), which stays for servers of the previous release while
+-- a rolling upgrade runs.
 
 CREATE OR REPLACE FUNCTION eventstore_begin_append(lock_key bigint, head bigint,
                                                    stream_ids uuid[], stream_types text[],
