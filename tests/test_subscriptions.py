@@ -863,6 +863,9 @@ async def read_raw(stream: Any, sub: Sub, done: Done) -> None:
             return
         note = await stream.receive_message()
         if note is None:
+            status = getattr(stream.end_stream_event, "status", None)
+            if status is not None and status.int_value != 0:
+                raise Ended(status.status_code.name, status.status_message)
             raise Ended("ENDED", f"{sub.name}: {stream.end_stream_event}")
         sub.add(note)
 
@@ -1354,8 +1357,6 @@ async def _caught_up_beyond_the_head(server: ServerInfo, acks: Acks) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known limitation (README): a subscription blocked on "
-                   "HTTP/2 flow control at shutdown gets no status; its connection is closed")
 async def test_shutdown_ends_a_stalled_subscription_with_unavailable(
         nursery: trio.Nursery, database_url: str) -> None:
     shutdown = trio.Event()

@@ -67,7 +67,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     live_poll_ms: Annotated[int, msgspec.Meta(ge=10)] = 1000
     # A subscription's checkpoint interval when its request says 0.
     checkpoint_interval_ms: Annotated[int, msgspec.Meta(ge=10)] = 1000
-    # At shutdown: how long in-flight appends get to finish before everything stops.
+    # At shutdown: how long in-flight appends and open subscriptions get to finish before
+    # everything stops.
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     # How often readiness (database answers, migrations applied) is checked.
     health_check_interval_ms: Annotated[int, msgspec.Meta(ge=50)] = 1000

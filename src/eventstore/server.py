@@ -56,8 +56,8 @@ def migrate(url: str) -> list[str]:
         return [f"{m.version:03d}_{m.name}" for m in apply_migrations(conn)]
 
 
-# After in-flight appends are answered, how long replies and the UNAVAILABLE endings of open
-# subscriptions get to reach their clients.
+# After in-flight appends are answered and every subscription has ended, how long the last
+# replies and the subscriptions' UNAVAILABLE endings get to reach their clients.
 FLUSH_SECONDS = 0.5
 
 
@@ -154,6 +154,10 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
                 # In-flight appends get their true outcome; new ones are refused.
                 with trio.move_on_after(settings.shutdown_grace_seconds) as grace:
                     await writer.drain()
+                    # Each subscription ends with UNAVAILABLE once it sees the feed closed;
+                    # one whose client stopped reading (its reply blocked by HTTP/2 flow
+                    # control) sees it when the client reads again, or not within the grace.
+                    await feed.ended()
                     await trio.sleep(FLUSH_SECONDS)
                 if grace.cancelled_caught:
                     log.warning("shutdown grace period over; stopping what is left")

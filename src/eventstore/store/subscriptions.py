@@ -74,12 +74,20 @@ class LiveFeed:
         self._ticking = False
         self._closed = False
         self._subscribers = 0
+        # Set when a subscription ends (`ended`).
+        self._left = trio.Event()
         # Each open subscription's cursor, for the lag metric.
         self._positions: dict[object, int] = {}
 
     @property
     def subscribers(self) -> int:
         return self._subscribers
+
+    async def ended(self) -> None:
+        """Return once no subscription is open (at shutdown, after `close`)."""
+        while self._subscribers:
+            self._left = trio.Event()
+            await self._left.wait()
 
     def lag(self) -> int:
         """Positions between the window's end and the furthest-behind open subscription."""
@@ -335,6 +343,7 @@ async def subscribe(feed: LiveFeed, reader: Reader, spec: SubscriptionSpec,
             await trio.lowlevel.checkpoint()
     finally:
         feed._subscribers -= 1
+        feed._left.set()
         feed._positions.pop(token, None)
 
 
