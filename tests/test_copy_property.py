@@ -280,7 +280,8 @@ def test_committed_rows_read_back_equal_copy_output(pg_cluster: PgCluster) -> No
     """The writer reads its small commits back for the live feed with one SELECT that builds
     binary COPY tuples (`_ROWS`); subscribers must get the very bytes a reader gets from
     COPY TO STDOUT, or live and catch-up deliveries of one event would differ."""
-    from eventstore.store.writer import _ROWS, COPY_HEADER, COPY_TRAILER, _bind, _exec_all
+    from eventstore.db.statements import exec_all
+    from eventstore.store.writer import _ROWS, COPY_HEADER, COPY_TRAILER, _bind
 
     with scratch_table(pg_cluster) as conn:
         rows_query = _ROWS.replace("FROM events ", "FROM tmp ")
@@ -305,7 +306,7 @@ def test_committed_rows_read_back_equal_copy_output(pg_cluster: PgCluster) -> No
             conn.execute("INSERT INTO tmp SELECT * FROM tmp WHERE position = %s", (first_position,))
             conn.execute("UPDATE tmp SET position = %s, event_id = gen_random_uuid()"
                          " WHERE ctid = (SELECT max(ctid) FROM tmp)", (first_position + count,))
-            (result,) = _exec_all(
+            (result,) = exec_all(
                 conn, _bind(rows_query, (first_position, first_position + count - 1)))
             body = result.get_value(0, 0)  # text: \x and hex digits
             assert body is not None and body.startswith(b"\\x")

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import psycopg
 import trio
-from psycopg import pq
 from psycopg.rows import TupleRow
 
 from eventstore._es_codec import encode_event_list
 from eventstore.config import Settings
 from eventstore.db.connection import connect
 from eventstore.db.errors import is_connection_error
+from eventstore.db.statements import exec_all_in_loop
 from eventstore.errors import Unavailable
 from eventstore.store.live import (
     LiveEvent,
@@ -434,7 +434,7 @@ async def listen_for_commits(url: str, feed: LiveFeed,
                 if answer is not None:
                     # Notifications arriving meanwhile wait in libpq: the loop reads them
                     # before it waits on the socket again.
-                    await _notify_in_loop(pgconn, answer)
+                    await _announce(conn, answer)
                     beat_at = trio.current_time() + ANNOUNCE_SECONDS
                     continue
                 with trio.move_on_at(beat_at):
@@ -459,22 +459,13 @@ async def listen_for_commits(url: str, feed: LiveFeed,
             conn.close()
 
 
-async def _notify_in_loop(pgconn: pq.abc.PGconn, payload: str) -> None:
-    """NOTIFY on the commit channel from the event loop (Trio waits on the socket)."""
-    fd = pgconn.socket
-    pgconn.send_query(f"NOTIFY {COMMIT_CHANNEL}, '{payload}'".encode())
-    while pgconn.flush():
-        await trio.lowlevel.wait_writable(fd)
-    failed = None
-    while True:
-        while pgconn.is_busy():
-            await trio.lowlevel.wait_readable(fd)
-            pgconn.consume_input()
-        result = pgconn.get_result()
-        if result is None:
-            break
-        if result.status != pq.ExecStatus.COMMAND_OK:
-            failed = (result.error_message or b"").decode(errors="replace")
-    if failed is not None:
+
+async def _announce(conn: psycopg.Connection[TupleRow], payload: str) -> None:
+    """NOTIFY `payload` on the commit channel, from the event loop."""
+    try:
+        await exec_all_in_loop(conn, f"NOTIFY {COMMIT_CHANNEL}, '{payload}'")
+    except psycopg.Error as exc:
+        if is_connection_error(exc):
+            raise
         # Whatever it was, a new connection is the way out (see the caller).
-        raise psycopg.OperationalError(f"NOTIFY failed: {failed}")
+        raise psycopg.OperationalError(f"NOTIFY failed: {exc}") from exc

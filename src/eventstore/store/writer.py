@@ -53,10 +53,10 @@ from psycopg.rows import TupleRow
 
 from eventstore._es_codec import AppendRequest, check_versions, encode_copy, insert_sql
 from eventstore.config import Settings
-from eventstore.db import libpq
 from eventstore.db.connection import connect
 from eventstore.db.errors import is_connection_error, is_data_error, result_error, to_domain
 from eventstore.db.literals import Literal, bind
+from eventstore.db.statements import exec_all, exec_all_in_loop
 from eventstore.errors import (
     AlreadyExists,
     EventStoreError,
@@ -353,7 +353,7 @@ class AppendWriter:
             try:
                 statement = self._guessed_statement(batch)
                 if statement is not None:
-                    results = await _exec_all_in_loop(statement.conn, statement.text,
+                    results = await exec_all_in_loop(statement.conn, statement.text,
                                                       statement.copy)
                     self._finish(statement, results)
                     self._hit()
@@ -511,7 +511,6 @@ class AppendWriter:
         expected version decides, as API.md requires.
         """
         requests = [pending.request for pending in batch]
-        keys = _keys(requests)
         if guess and not check_all_ids:
             statement = self._guessed_statement(batch, conn)
             if statement is not None:
@@ -523,6 +522,7 @@ class AppendWriter:
                 else:
                     self._hit()
                     return statement.planned
+        keys = _keys(requests)
         client_ids = (
             [event_id for request in requests for event_id in request.client_event_ids]
             if check_all_ids else []
@@ -693,7 +693,7 @@ class AppendWriter:
             # Every statement's result only when needed (a COPY's input is sent in the middle,
             # or the read-back is wanted): PQexec waits for them all in one GIL release.
             if statement.copy is not None or statement.want_rows:
-                results = _exec_all(statement.conn, statement.text, statement.copy)
+                results = exec_all(statement.conn, statement.text, statement.copy)
             else:
                 results = [_exec(statement.conn, statement.text)]
             self._finish(statement, results)
@@ -794,112 +794,6 @@ def _exec(conn: psycopg.Connection[TupleRow], text: str) -> pq.abc.PGresult:
     if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
         raise result_error(conn, result)
     return result
-
-
-class _Results:
-    """The results of one multi-statement query, as they arrive. PostgreSQL stops at the
-    first failing statement; that one's error is the query's — unless a COMMIT had already
-    succeeded (an error after it cannot undo it)."""
-
-    def __init__(self) -> None:
-        self.results: list[pq.abc.PGresult] = []
-        self.failed: pq.abc.PGresult | None = None
-
-    def committed(self) -> bool:
-        return any(r.status == pq.ExecStatus.COMMAND_OK and r.command_status == b"COMMIT"
-                   for r in self.results)
-
-    def add(self, pgconn: pq.abc.PGconn, result: pq.abc.PGresult,
-            copy: bytes | None = None) -> bytes | None:
-        """Take the next result. A COPY FROM STDIN is sent `copy` as its input (then None is
-        returned: there is no more to send)."""
-        if result.status == pq.ExecStatus.COPY_IN:
-            if copy is None:
-                # A bug, not an outage: end the COPY so the connection stays usable.
-                pgconn.put_copy_end(b"no COPY input was given")
-            else:
-                libpq.put_copy(pgconn, copy)
-            return None
-        if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
-            self.failed = self.failed or result
-        self.results.append(result)
-        return copy
-
-    def lost(self, exc: psycopg.OperationalError) -> None:
-        """The connection went away: if COMMIT's answer had already arrived, it stands."""
-        if not self.committed():
-            raise exc
-
-    def outcome(self, conn: psycopg.Connection[TupleRow]) -> list[pq.abc.PGresult]:
-        if self.committed():
-            if self.failed is not None:
-                log.warning("an error arrived after COMMIT succeeded: %s",
-                            (self.failed.error_message or b"").decode(errors="replace").strip())
-            return self.results
-        if self.failed is not None or conn.pgconn.status == pq.ConnStatus.BAD:
-            raise result_error(conn, self.failed)
-        return self.results
-
-
-def _exec_all(conn: psycopg.Connection[TupleRow], text: str, copy: bytes | None = None,
-              ) -> list[pq.abc.PGresult]:
-    """Like `_exec`, with every statement's result (PQexec keeps only the last one), waiting
-    for them with the GIL released (`eventstore.db.libpq`). `copy` is the input of the
-    query's COPY FROM STDIN, if it has one. Failures as `_Results` says."""
-    pgconn = conn.pgconn
-    libpq.send_query(pgconn, text.encode(conn.info.encoding))
-    results = _Results()
-    while True:
-        try:
-            result = libpq.get_result(pgconn)
-        except psycopg.OperationalError as exc:
-            results.lost(exc)
-            break
-        if result is None:
-            break
-        copy = results.add(pgconn, result, copy)
-    return results.outcome(conn)
-
-
-async def _exec_all_in_loop(conn: psycopg.Connection[TupleRow], text: str,
-                            copy: bytes | None = None) -> list[pq.abc.PGresult]:
-    """`_exec_all` from the event loop: libpq is only asked for what it already has (or
-    to queue what it has room for), and Trio waits for the connection's socket."""
-    pgconn = conn.pgconn
-    fd = pgconn.socket
-
-    async def flush() -> None:
-        while pgconn.flush():
-            await trio.lowlevel.wait_writable(fd)
-
-    pgconn.send_query(text.encode(conn.info.encoding))
-    await flush()
-    results = _Results()
-    while True:
-        try:
-            while pgconn.is_busy():
-                await trio.lowlevel.wait_readable(fd)
-                pgconn.consume_input()
-            result = pgconn.get_result()
-        except psycopg.OperationalError as exc:
-            results.lost(exc)
-            break
-        if result is None:
-            break
-        if result.status == pq.ExecStatus.COPY_IN and copy is not None:
-            view = memoryview(copy)
-            for start in range(0, len(view), libpq.COPY_CHUNK):
-                while not pgconn.put_copy_data(view[start:start + libpq.COPY_CHUNK]):
-                    await trio.lowlevel.wait_writable(fd)
-                    pgconn.flush()
-            while not pgconn.put_copy_end():
-                await trio.lowlevel.wait_writable(fd)
-                pgconn.flush()
-            await flush()
-            copy = None
-            continue
-        results.add(pgconn, result)
-    return results.outcome(conn)
 
 
 def _json_rows(value: bytes | None) -> list[list[Any]]:
