@@ -215,7 +215,7 @@ class Reader:
         reading the page after it (see `PREFETCH_MAX`)."""
         if query.include_snapshot:
             return await self._run("reading a stream",
-                                   lambda conn: self._get_events(conn, query).reply)
+                                   lambda conn: self._get_events_with_snapshot(conn, query).reply)
         page = await self._prefetched_page(query)
         if page is None:
             page = await self._run("reading a stream",
@@ -460,9 +460,7 @@ class Reader:
             return BatchPage(body, count, last_version, last_position, True)
         return BatchPage(body, count, last_version, upper, upper < head)
 
-    def _get_events(self, conn: Conn, q: StreamRange) -> EventsPage:
-        if not q.include_snapshot:
-            return self._get_events_at_once(conn, q)
+    def _get_events_with_snapshot(self, conn: Conn, q: StreamRange) -> EventsPage:
         reply = pb.GetEventsResponse()
         data = b""
         with conn.cursor() as cur:
