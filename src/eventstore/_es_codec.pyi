@@ -1,14 +1,17 @@
 """Typed stub of the Rust extension ``eventstore._es_codec`` (crate ``rust/es_codec``).
 
 Hot-path codecs: validation of AppendEventsRequest bytes, the batch version check, the
-binary COPY payload that inserts events, and binary COPY output to serialized ``Event``s.
+binary COPY payload that inserts events, binary COPY output to serialized ``Event``s, and the
+inbound half of the gRPC server's HTTP/2 connection (frames and HPACK).
 """
 
 from collections.abc import Sequence
-from typing import final
+from typing import Any, final
 
 __all__ = [
     "AppendRequest",
+    "FrameReader",
+    "Http2Error",
     "InvalidRequest",
     "RequestTooLarge",
     "check_versions",
@@ -25,6 +28,27 @@ class InvalidRequest(ValueError):
 class RequestTooLarge(InvalidRequest):
     """The request is over a size limit (RESOURCE_EXHAUSTED), e.g.
     ``events: 20000 events, over the limit of 10000``."""
+
+class Http2Error(Exception):
+    """An HTTP/2 connection error; ``args`` are (error code, message). The connection must end
+    with GOAWAY carrying the code."""
+
+@final
+class FrameReader:
+    """The inbound half of an HTTP/2 server connection: the client's preface, frames cut from
+    the byte stream, header blocks joined across CONTINUATION frames and HPACK-decoded, a
+    request's header list checked for well-formedness (RFC 9113 §8.2–8.3)."""
+
+    def __init__(self, max_frame_size: int, header_table_size: int,
+                 max_header_list_size: int) -> None:
+        """The SETTINGS this side advertised: frames over ``max_frame_size`` and encoded
+        header blocks over 4 × ``max_header_list_size`` are connection errors; a decoded list
+        over ``max_header_list_size`` is reported as the HEADERS frame's problem."""
+    def feed(self, data: bytes) -> list[tuple[Any, ...]]:
+        """The frames ``data`` completes, in order: DATA ``(0, stream_id, end_stream, data,
+        flow_controlled_length)``; HEADERS ``(1, stream_id, end_stream, [(name, value)],
+        problem or None, has_pseudo)``; any other frame the caller acts on ``(type, stream_id,
+        flags, payload)`` (PRIORITY and unknown types are skipped). Raises Http2Error."""
 
 @final
 class AppendRequest:

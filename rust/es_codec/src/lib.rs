@@ -11,7 +11,8 @@
 //! * [`versions`]: the optimistic-concurrency check of a batch of appends;
 //! * [`copy_in`]: the binary COPY payload that inserts a batch of events;
 //! * [`insert_sql`]: the same as one `INSERT … VALUES` (a small batch, in one round trip);
-//! * [`copy_out`]: binary COPY output of the events query to serialized `Event`s.
+//! * [`copy_out`]: binary COPY output of the events query to serialized `Event`s;
+//! * [`hpack`], [`http2`]: the inbound half of the gRPC server's HTTP/2 connection.
 
 #![forbid(unsafe_code)]
 #![warn(clippy::pedantic)]
@@ -32,6 +33,8 @@
 
 pub mod copy_in;
 pub mod copy_out;
+pub mod hpack;
+pub mod http2;
 pub mod insert_sql;
 pub mod json;
 pub mod out;

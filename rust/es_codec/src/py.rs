@@ -11,12 +11,13 @@
 //! enough for that to pay off, so other Python threads (the event loop) keep running.
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyIndexError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyException, PyIndexError, PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyTuple};
 
 use crate::copy_in;
 use crate::copy_out;
+use crate::http2;
 use crate::json;
 use crate::request::{quote, AppendRequest, ErrorKind, EventView, Limits, RequestError};
 use crate::uuids;
@@ -33,6 +34,13 @@ create_exception!(
     RequestTooLarge,
     InvalidRequest,
     "The request is over a size limit. Maps to RESOURCE_EXHAUSTED."
+);
+
+create_exception!(
+    eventstore._es_codec,
+    Http2Error,
+    PyException,
+    "A connection error of HTTP/2: args are (error code, message); the connection ends with GOAWAY."
 );
 
 /// Inputs at least this large are processed with the GIL released. Below it, releasing and
@@ -322,12 +330,103 @@ fn encode_event_list<'py>(py: Python<'py>, copy_out: &[u8]) -> PyResult<Vec<Live
         .collect()
 }
 
+/// The inbound half of an HTTP/2 server connection: see `crate::http2`.
+#[pyclass(name = "FrameReader", module = "eventstore._es_codec")]
+pub struct PyFrameReader {
+    inner: http2::FrameReader,
+}
+
+/// `Http2Error`, or an exception raised while building a frame's Python objects.
+enum FeedError {
+    Connection(http2::ConnectionError),
+    Python(PyErr),
+}
+
+impl From<http2::ConnectionError> for FeedError {
+    fn from(e: http2::ConnectionError) -> Self {
+        FeedError::Connection(e)
+    }
+}
+
+impl From<PyErr> for FeedError {
+    fn from(e: PyErr) -> Self {
+        FeedError::Python(e)
+    }
+}
+
+#[pymethods]
+impl PyFrameReader {
+    #[new]
+    fn new(max_frame_size: usize, header_table_size: usize, max_header_list_size: usize) -> Self {
+        Self {
+            inner: http2::FrameReader::new(max_frame_size, header_table_size, max_header_list_size),
+        }
+    }
+
+    /// The frames completed by `data`, as tuples:
+    /// DATA `(0, stream_id, end_stream, data, flow_controlled_length)`;
+    /// HEADERS `(1, stream_id, end_stream, [(name, value)], problem or None, has_pseudo)`;
+    /// other frames `(type, stream_id, flags, payload)`.
+    fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let mut frames = Vec::new();
+        let result = self
+            .inner
+            .feed(data, |frame: http2::Frame<'_>| -> Result<(), FeedError> {
+                let tuple = match frame {
+                    http2::Frame::Data {
+                        stream_id,
+                        end_stream,
+                        data,
+                        flow_len,
+                    } => (
+                        http2::DATA,
+                        stream_id,
+                        end_stream,
+                        PyBytes::new(py, data),
+                        flow_len,
+                    )
+                        .into_pyobject(py)?,
+                    http2::Frame::Headers {
+                        stream_id,
+                        end_stream,
+                        headers,
+                        problem,
+                        has_pseudo,
+                    } => (
+                        http2::HEADERS,
+                        stream_id,
+                        end_stream,
+                        headers,
+                        problem,
+                        has_pseudo,
+                    )
+                        .into_pyobject(py)?,
+                    http2::Frame::Control {
+                        kind,
+                        stream_id,
+                        flags,
+                        payload,
+                    } => (kind, stream_id, flags, PyBytes::new(py, payload)).into_pyobject(py)?,
+                };
+                frames.push(tuple);
+                Ok(())
+            });
+        match result {
+            Ok(()) => Ok(frames),
+            Err(FeedError::Connection(e)) => Err(Http2Error::new_err((e.code, e.message))),
+            Err(FeedError::Python(e)) => Err(e),
+        }
+    }
+}
+
 #[pymodule]
 #[pyo3(name = "_es_codec")]
 fn es_codec_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("InvalidRequest", py.get_type::<InvalidRequest>())?;
     m.add("RequestTooLarge", py.get_type::<RequestTooLarge>())?;
+    m.add("Http2Error", py.get_type::<Http2Error>())?;
+    m.add_class::<PyFrameReader>()?;
     m.add_class::<PyAppendRequest>()?;
     m.add_function(wrap_pyfunction!(check_versions, m)?)?;
     m.add_function(wrap_pyfunction!(encode_copy, m)?)?;
