@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
 
@@ -310,3 +314,34 @@ async def test_many_requests_in_one_batch_resolve_individually(client: PurerpcCl
     everything = await read_all(client)
     assert len(everything) == 1 + 2 * 48
     assert [e.position for e in everything] == sorted(e.position for e in everything)
+
+
+async def test_a_client_breaking_http2_gets_goaway_and_others_are_served(
+        api: Any, server: Any) -> None:
+    """Over a real socket: a request that is not gRPC is answered with an HTTP status on its
+    own stream; a frame that breaks the protocol ends that connection with GOAWAY (and its
+    error code); other connections are served throughout."""
+
+    def talk() -> list[object]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.initiate_connection()
+            client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":path", "/"),
+                                    (":authority", "x")], end_stream=True)
+            sock.sendall(client.data_to_send())
+            seen: list[object] = []
+            while not any(isinstance(e, h2.events.StreamEnded) for e in seen):
+                seen += client.receive_data(sock.recv(65536))
+            # WINDOW_UPDATE with an increment of 0 for the connection: PROTOCOL_ERROR.
+            sock.sendall(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00")
+            while data := sock.recv(65536):
+                seen += client.receive_data(data)
+            return seen
+
+    seen = await trio.to_thread.run_sync(talk)
+    statuses = [dict(e.headers)[b":status"] for e in seen
+                if isinstance(e, h2.events.ResponseReceived)]
+    assert statuses == [b"405"]
+    ended = [e for e in seen if isinstance(e, h2.events.ConnectionTerminated)]
+    assert [e.error_code for e in ended] == [1]  # PROTOCOL_ERROR, then EOF
+    assert (await append(api, sid(), events(1))).next_expected_version == 1

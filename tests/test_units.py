@@ -10,14 +10,9 @@ from typing import cast
 
 import anyio
 import anyio.abc
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
 import pytest
 import trio
-from purerpc.grpclib.connection import GRPCConfiguration, GRPCConnection
-from purerpc.grpclib.status import Status, StatusCode
+from purerpc.grpclib.status import StatusCode
 
 import eventstore
 from eventstore.config import ConfigError, Settings, load_settings
@@ -32,7 +27,7 @@ from eventstore.errors import (
     WrongExpectedVersion,
 )
 from eventstore.grpc.status import STATUS_OF, to_status
-from eventstore.grpc.transport import _Connection, _EagerSocket
+from eventstore.grpc.transport import _EagerSocket
 from eventstore.store.batching import (
     Retry,
     Reused,
@@ -237,112 +232,6 @@ def test_window_covers_evicts_and_reads_from_anywhere() -> None:
     assert reached == 10_000
     window.extend([], 10_050)  # a hole at the head: covered, nothing to read
     assert window.since(10_000, 10) == ([], 10_050)
-
-
-def _server_connections() -> tuple[GRPCConnection, GRPCConnection, h2.connection.H2Connection]:
-    """Our connection and purerpc's, brought to the same state by the same client bytes: one
-    request stream (id 1) open."""
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/s/m"),
-                            (":authority", "localhost"), ("te", "trailers"),
-                            ("content-type", "application/grpc")])
-    opening = client.data_to_send()
-    config = GRPCConfiguration(client_side=False)
-    ours, theirs = _Connection(config), GRPCConnection(config)
-    for connection in (ours, theirs):
-        connection.initiate_connection()
-        connection.receive_data(opening)
-        connection.h2_connection.data_to_send()
-    return ours, theirs, client
-
-
-def test_fast_data_frames_are_h2s_byte_for_byte() -> None:
-    ours, theirs, client = _server_connections()
-    for connection in (ours, theirs):
-        connection.start_response(1)
-    assert ours.h2_connection.data_to_send() == theirs.h2_connection.data_to_send()
-    sizes = [0, 1, 5, 255, 256, 1000, 16383, 16384, 16384, 14867]  # the whole initial window
-    for i, size in enumerate(sizes):
-        data = bytes([i]) * size
-        ours.send_data(1, data)
-        theirs.send_data(1, data)
-        sent = ours.h2_connection.data_to_send()
-        assert sent == theirs.h2_connection.data_to_send()
-        assert len(sent) == 9 + size
-        assert (ours.h2_connection.streams[1].outbound_flow_control_window
-                == theirs.h2_connection.streams[1].outbound_flow_control_window)
-        assert (ours.h2_connection.outbound_flow_control_window
-                == theirs.h2_connection.outbound_flow_control_window)
-    # The initial window (65,535) is spent: both refuse one more byte the same way.
-    for connection in (ours, theirs):
-        assert connection.h2_connection.local_flow_control_window(1) == 0
-        with pytest.raises(h2.exceptions.FlowControlError):
-            connection.send_data(1, b"x")
-    for connection in (ours, theirs):
-        connection.send_data(1, b"", end_stream=True)
-    assert ours.h2_connection.data_to_send() == theirs.h2_connection.data_to_send()
-    # A stream the client reset: both raise what purerpc's callers treat as "client gone".
-    ours, theirs, client = _server_connections()
-    client.reset_stream(1)
-    reset = client.data_to_send()
-    for connection in (ours, theirs):
-        connection.start_response(1)
-        connection.receive_data(reset)
-        with pytest.raises(h2.exceptions.StreamClosedError):
-            connection.send_data(1, b"late")
-
-
-def test_ready_made_response_headers_decode_like_h2s() -> None:
-    """The usual headers and OK trailers, written from ready-made blocks, reach a client as
-    h2's own would (twice: h2's second response refers to its dynamic table, ours never
-    does), leave the stream in the same state, and error trailers still go through h2."""
-    ours, theirs, client = _server_connections()
-    client.send_headers(3, [(":method", "POST"), (":scheme", "http"), (":path", "/s/m"),
-                            (":authority", "localhost"), ("te", "trailers"),
-                            ("content-type", "application/grpc")])
-    second = client.data_to_send()
-    received: list[list[object]] = []
-    for connection in (ours, theirs):
-        connection.receive_data(second)
-        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        peer.initiate_connection()
-        seen: list[object] = []
-        for stream_id in (1, 3):
-            peer.send_headers(stream_id, [(":method", "POST"), (":scheme", "http"),
-                                          (":path", "/s/m"), (":authority", "localhost")])
-            peer.data_to_send()
-            connection.start_response(stream_id, "+proto")
-            connection.send_data(stream_id, b"\0\0\0\0\0")
-            connection.end_response(stream_id, Status(StatusCode.OK))
-            seen.append(connection.h2_connection.streams[stream_id].state_machine.state)
-            for event in peer.receive_data(connection.h2_connection.data_to_send()):
-                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                    seen.append((type(event).__name__, event.headers,
-                                 event.stream_ended is not None))
-        received.append(seen)
-    assert received[0] == received[1]
-    assert received[0][0] == h2.stream.StreamState.HALF_CLOSED_LOCAL
-    assert received[0][1] == ("ResponseReceived", [(b":status", b"200"),
-                                                   (b"content-type",
-                                                    b"application/grpc+proto")], False)
-    assert received[0][2] == ("TrailersReceived", [(b"grpc-status", b"0")], True)
-    # Anything else (an error's trailers) is h2's, byte for byte.
-    ours, theirs, client = _server_connections()
-    failed = Status(StatusCode.ABORTED, status_message="no")
-    for connection in (ours, theirs):
-        connection.start_response(1, "+proto")
-        connection.h2_connection.data_to_send()
-        connection.end_response(1, failed, (("expected", "3"),))
-    assert ours.h2_connection.data_to_send() == theirs.h2_connection.data_to_send()
-    # A stream the client reset: a late response raises as h2's does.
-    ours, theirs, client = _server_connections()
-    client.reset_stream(1)
-    reset = client.data_to_send()
-    for connection in (ours, theirs):
-        connection.receive_data(reset)
-        with pytest.raises(h2.exceptions.StreamClosedError):
-            connection.start_response(1, "+proto")
 
 
 @pytest.mark.parametrize("ticking", [False, True])

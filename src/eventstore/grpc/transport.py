@@ -1,4 +1,6 @@
-"""Serving gRPC with purerpc's HTTP/2 machinery but our own request dispatch.
+"""Serving gRPC with purerpc's sockets, streams and events, over our own HTTP/2 connection
+(`eventstore.grpc.http2`, with frames and HPACK in the Rust extension), and our own request
+dispatch.
 
 purerpc's own dispatcher turns an unexpected exception into CANCELLED with a repr sent to the
 client, cannot send custom trailing metadata with an error, swallows `trio.Cancelled` in bare
@@ -9,6 +11,7 @@ becomes a status through `eventstore.grpc.status`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import struct
@@ -19,19 +22,15 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import h2.connection
-import h2.exceptions
-import h2.stream
 import trio
 from anyio.streams.tls import TLSAttribute
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import SocketWrapper
-from purerpc.grpclib.connection import GRPCConfiguration, GRPCConnection
+from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import (
     MessageReceived,
     RequestEnded,
     RequestReceived,
-    ResponseEnded,
     WindowUpdated,
 )
 from purerpc.grpclib.exceptions import StreamClosedError
@@ -40,6 +39,7 @@ from purerpc.grpclib.status import Status, StatusCode
 from eventstore.auth.principals import ANONYMOUS, Principal
 from eventstore.auth.tls import QuietTLSListener
 from eventstore.errors import EventStoreError, LimitExceeded
+from eventstore.grpc.http2 import Http2ConnectionError, ServerConnection
 from eventstore.grpc.status import internal_error, to_status
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ StreamHandler = Callable[[bytes, RequestReceived], AsyncIterator[bytes]]
 
 # What sending on a stream raises once its client has gone (RST_STREAM, closed socket).
 CLIENT_GONE = (
-    h2.exceptions.StreamClosedError,
     StreamClosedError,
     anyio.BrokenResourceError,
     anyio.ClosedResourceError,
@@ -95,6 +94,12 @@ class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
             await self._flush_event.wait()
             self._flush_event = anyio.Event()
 
+    async def drain(self) -> None:
+        """Send everything pending, waiting for the socket as long as it takes."""
+        async with self._send_lock:
+            while data := self._grpc_connection.data_to_send():
+                await self._stream.send(data)
+
     async def send_now(self) -> bool:
         """Send what is pending unless a send is in progress (then its sender takes this too:
         purerpc's flush has already woken the writer task). True if this task sent (and so
@@ -136,91 +141,8 @@ class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
             raise anyio.BrokenResourceError from exc
 
 
-# An HTTP/2 frame header: 24-bit length and 8-bit type (as one int), flags, stream id.
-_FRAME_HEADER = struct.Struct(">IBI")
-_DATA_FRAME = 0x0
-
-
-# A response's usual header blocks, HPACK-encoded once: ":status: 200" (static table entry 8),
-# "content-type: application/grpc+proto", and the trailers "grpc-status: 0" — literals "without
-# indexing", which leave both sides' dynamic tables untouched, so the same bytes are valid in
-# any state of the connection.
-_HEADERS_FRAME = 0x1
-_END_STREAM = 0x1
-_END_HEADERS = 0x4
-_OK_HEADERS = b"\x88\x0f\x10\x16application/grpc+proto"
-_OK_TRAILERS = b"\x00\x0bgrpc-status\x010"
-
-
-class _Connection(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
-    """purerpc's connection, with faster frames for what every call sends: a DATA frame per
-    message, and the usual response headers and OK trailers.
-
-    h2 builds a hyperframe object per DATA frame and logs four debug lines; with 64 live
-    subscribers that was 14% of the server's Python time. This does what h2 3.x's
-    `send_data` does for an unpadded frame without END_STREAM — the same checks, the same
-    connection and stream state transitions (a closed stream still raises), the same window
-    accounting — and writes the frame's bytes itself (tests/test_units.py compares the two
-    byte for byte). Anything else goes to h2.
-    """
-
-    def start_response(self, stream_id: int, content_type_suffix: str = "",
-                       custom_metadata: Any = ()) -> None:
-        if content_type_suffix != "+proto" or custom_metadata or not self._plain_headers():
-            return super().start_response(stream_id, content_type_suffix,  # type: ignore[no-any-return]
-                                          custom_metadata)
-        self._send_header_block(stream_id, _OK_HEADERS, end_stream=False)
-        return None
-
-    def end_response(self, stream_id: int, status: Status, custom_metadata: Any = ()) -> None:
-        if (status.int_value != 0 or status.status_message or custom_metadata
-                or not self._plain_headers()):
-            return super().end_response(stream_id, status,  # type: ignore[no-any-return]
-                                        custom_metadata)
-        self._send_header_block(stream_id, _OK_TRAILERS, end_stream=True)
-        return None
-
-    def _plain_headers(self) -> bool:
-        """Whether the ready-made header blocks fit: no message encoding configured, and no
-        HPACK table size update pending (it must open the next header block, so h2's
-        encoder has to write that one)."""
-        return (self.config._message_encoding is None
-                and self.config._message_accept_encoding is None
-                and not self.h2_connection.encoder.table_size_changes)
-
-    def _send_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
-        """What h2's `send_headers` does for a response's headers or trailers on an open
-        stream — the same connection and stream state transitions (a closed stream still
-        raises) — with a ready-made header block in one HEADERS frame."""
-        connection = self.h2_connection
-        connection.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
-        stream = connection._get_stream_by_id(stream_id)
-        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
-        flags = _END_HEADERS
-        if end_stream:
-            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
-            flags |= _END_STREAM
-        connection._data_to_send += _FRAME_HEADER.pack(len(block) << 8 | _HEADERS_FRAME, flags,
-                                                       stream_id)
-        connection._data_to_send += block
-
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
-        connection = self.h2_connection
-        size = len(data)
-        if end_stream or size > connection.max_outbound_frame_size:
-            return super().send_data(stream_id, data, end_stream=end_stream)  # type: ignore[no-any-return]
-        stream = connection._get_stream_by_id(stream_id)
-        if size > connection.outbound_flow_control_window or (
-                size > stream.outbound_flow_control_window):
-            return super().send_data(stream_id, data)  # type: ignore[no-any-return]
-        connection.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
-        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_DATA)
-        stream.outbound_flow_control_window -= size
-        connection.outbound_flow_control_window -= size
-        connection._data_to_send += _FRAME_HEADER.pack(size << 8 | _DATA_FRAME, 0, stream_id)
-        connection._data_to_send += data
-        return None
-
+# purerpc's read size.
+_RECEIVE_BUFFER = 1024 * 1024
 
 # A gRPC message's prefix: compressed flag, then length.
 _MESSAGE_PREFIX = struct.Struct(">?I")
@@ -233,19 +155,21 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
     _response_started: bool
 
     async def _receive(self) -> Any:
-        """purerpc's, without a yield to Trio when the event is already queued: a unary
+        """purerpc's, without a yield to Trio when the event is already queued (a unary
         call's headers, message and end usually arrive in one read, and each yield costs a
-        round of the scheduler before the handler starts."""
+        round of the scheduler before the handler starts), and without waking the writer task
+        when acknowledging the message left nothing to send."""
         incoming = self._incoming_events[1]
         try:
             event = incoming.receive_nowait()
         except anyio.WouldBlock:
             event = await incoming.receive()
         if isinstance(event, MessageReceived):
-            self._grpc_connection.acknowledge_received_data(self._stream_id,
-                                                            event.flow_controlled_length)
-            await self._socket.flush()
-        elif isinstance(event, RequestEnded | ResponseEnded):
+            connection = self._grpc_connection
+            connection.acknowledge_received_data(self._stream_id, event.flow_controlled_length)
+            if connection.has_data_to_send():  # a WINDOW_UPDATE, once half a window is used
+                await self._socket.flush()
+        elif isinstance(event, RequestEnded):
             assert self._end_stream_event is None
             self._end_stream_event = event
         else:
@@ -301,24 +225,39 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
 
 
 class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's server socket over our HTTP/2 connection (`eventstore.grpc.http2`)."""
+
     StreamClass = _EagerStream
 
     def __init__(self, config: GRPCConfiguration, stream: Any) -> None:
-        super().__init__(config, stream)
-        self._grpc_connection = _Connection(config)
+        # Not purerpc's __init__: it would build an h2 connection only to drop it.
+        contextlib.AsyncExitStack.__init__(self)
+        self._grpc_connection = ServerConnection(config)
         self._socket = _EagerSocket(self._grpc_connection, stream)
+        self._receive_buffer_size = _RECEIVE_BUFFER
+        self._streams: dict[int, _EagerStream] = {}
 
     async def _listen(self) -> AsyncIterator[_EagerStream]:
         """purerpc's, handing each event to its stream without a yield to Trio (the streams'
-        queues are unbounded): one read of the socket, one yield."""
+        queues are unbounded): one read of the socket, one yield. The writer task is woken
+        only when the connection has something of its own to send (a SETTINGS or PING
+        acknowledgement, a WINDOW_UPDATE, a reset); a protocol error's GOAWAY is sent before
+        the connection ends."""
         streams = self._streams
+        connection = self._grpc_connection
         while True:
             try:
                 data = await self._socket.recv(self._receive_buffer_size)
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 return
-            events = self._grpc_connection.receive_data(data)
-            await self._socket.flush()
+            try:
+                events = connection.receive_data(data)
+            except Http2ConnectionError as error:
+                log.debug("gRPC connection ended by a protocol error: %s", error)
+                await self._socket.drain()
+                return
+            if connection.has_data_to_send():
+                await self._socket.flush()
             for event in events:
                 if isinstance(event, WindowUpdated):
                     if event.stream_id == 0:
@@ -328,12 +267,21 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                         await streams[event.stream_id]._set_flow_control_update()
                     continue
                 if isinstance(event, RequestReceived):
-                    self._allocate_stream(event.stream_id)
-                streams[event.stream_id]._incoming_events[0].send_nowait(event)
-                if isinstance(event, RequestReceived):
-                    yield streams[event.stream_id]
-                elif isinstance(event, RequestEnded | ResponseEnded):
-                    streams[event.stream_id]._close_remote()
+                    stream = self._allocate_stream(event.stream_id)
+                    stream._incoming_events[0].send_nowait(event)
+                    yield stream
+                    continue
+                known = streams.get(event.stream_id)
+                if known is None:
+                    continue  # its handler has finished
+                known._incoming_events[0].send_nowait(event)
+                if isinstance(event, RequestEnded):
+                    known._close_remote()
+
+    def forget(self, stream: _EagerStream) -> None:
+        """A finished handler's stream: purerpc keeps it until both sides have closed, which
+        a stream reset by the client never does."""
+        self._streams.pop(stream._stream_id, None)
 
 
 @dataclass(frozen=True)
@@ -383,7 +331,8 @@ class GrpcServer:
             async with _Socket(self._config, byte_stream) as grpc_socket:
                 async with trio.open_nursery() as nursery:
                     async for stream in grpc_socket.listen():
-                        nursery.start_soon(self._request, stream, peer, certificate)
+                        nursery.start_soon(self._request, grpc_socket, stream, peer,
+                                           certificate)
         except Exception as exc:
             # A peer that resets or speaks bad HTTP/2 only ends its own connection.
             log.debug("gRPC connection ended: %s", type(exc).__name__)
@@ -393,7 +342,7 @@ class GrpcServer:
             with trio.CancelScope(shield=True):
                 await byte_stream.aclose()
 
-    async def _request(self, stream: _EagerStream, peer: str,
+    async def _request(self, grpc_socket: _Socket, stream: _EagerStream, peer: str,
                        certificate: Any) -> None:
         try:
             event = await stream.receive_event()
@@ -414,6 +363,8 @@ class GrpcServer:
             await self._dispatch(stream, event, method, certificate)
         except Exception as exc:
             log.debug("gRPC stream ended: %s", type(exc).__name__)
+        finally:
+            grpc_socket.forget(stream)
 
     async def _dispatch(self, stream: _EagerStream, event: RequestReceived,
                         method: Method, certificate: Any) -> None:

@@ -1,0 +1,306 @@
+"""The server's HTTP/2 connection (`eventstore.grpc.http2`) against h2's client, without I/O:
+what purerpc's streams see of a request, what a client sees of a response, flow control,
+resets, and what happens to a client that breaks the protocol."""
+
+from __future__ import annotations
+
+import struct
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
+from purerpc.grpclib.exceptions import StreamClosedError
+from purerpc.grpclib.status import Status, StatusCode
+
+from eventstore.grpc.http2 import (
+    OUR_MAX_HEADER_LIST_SIZE,
+    Http2ConnectionError,
+    ServerConnection,
+)
+
+REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/pkg.Service/Method"),
+           (":authority", "localhost"), ("te", "trailers"),
+           ("content-type", "application/grpc+proto")]
+
+
+def _message(payload: bytes) -> bytes:
+    return struct.pack(">?I", False, len(payload)) + payload
+
+
+def _pair(**settings: int) -> tuple[ServerConnection, h2.connection.H2Connection]:
+    """A server connection and h2's client, past the settings exchange."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    if settings:
+        client.update_settings({getattr(h2.settings.SettingCodes, k): v
+                                for k, v in settings.items()})
+    server = ServerConnection(GRPCConfiguration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())  # the client's SETTINGS ACK
+    return server, client
+
+
+def _exchange(server: ServerConnection, client: h2.connection.H2Connection) -> list[object]:
+    """Client's pending bytes to the server, and the server's answer back: the client's
+    events."""
+    server.receive_data(client.data_to_send())
+    return client.receive_data(server.data_to_send())
+
+
+def test_a_unary_call_both_ways_twice() -> None:
+    """Twice on one connection: the client's second header block refers to its HPACK table."""
+    server, client = _pair()
+    for stream_id in (1, 3):
+        client.send_headers(stream_id, [*REQUEST, ("authorization", "Bearer t"),
+                                        ("x-trace-bin", "AAEC"), ("grpc-timeout", "250m")])
+        client.send_data(stream_id, _message(b"hello"), end_stream=True)
+        events = server.receive_data(client.data_to_send())
+        assert [type(e) for e in events] == [RequestReceived, MessageReceived, RequestEnded]
+        request = events[0]
+        assert (request.stream_id, request.service_name, request.method_name) == (
+            stream_id, "pkg.Service", "Method")
+        assert request.custom_metadata == (("authorization", "Bearer t"),
+                                           ("x-trace-bin", b"\x00\x01\x02"))
+        assert request.timeout.total_seconds() == 0.25
+        assert events[1].data == b"hello"
+        server.acknowledge_received_data(stream_id, events[1].flow_controlled_length)
+        server.start_response(stream_id, "+proto")
+        server.send_data(stream_id, _message(b"reply"))
+        server.end_response(stream_id, Status(StatusCode.OK))
+        seen = client.receive_data(server.data_to_send())
+        assert [type(e) for e in seen] == [h2.events.ResponseReceived, h2.events.DataReceived,
+                                           h2.events.TrailersReceived, h2.events.StreamEnded]
+        assert seen[0].headers == [(b":status", b"200"),
+                                   (b"content-type", b"application/grpc+proto")]
+        assert seen[1].data == _message(b"reply")
+        assert seen[2].headers == [(b"grpc-status", b"0")]
+    assert not server._streams  # both closed both ways
+
+
+def test_error_trailers_and_trailers_only_responses() -> None:
+    server, client = _pair()
+    client.send_headers(1, REQUEST)
+    client.send_headers(3, REQUEST, end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [RequestReceived, RequestReceived, RequestEnded]
+    server.start_response(1, "+proto")
+    server.end_response(1, Status(StatusCode.ABORTED, "wrong version: 3 ≠ 4 %"),
+                        (("expected", "3"), ("detail-bin", b"\xff\x00")))
+    server.respond_status(3, Status(StatusCode.NOT_FOUND, "no such stream"), "+proto")
+    seen = client.receive_data(server.data_to_send())
+    headers = [e.headers for e in seen if isinstance(
+        e, h2.events.ResponseReceived | h2.events.TrailersReceived)]
+    assert headers[1] == [(b"grpc-status", b"10"),
+                          (b"grpc-message", b"wrong%20version%3A%203%20%E2%89%A0%204%20%25"),
+                          (b"expected", b"3"), (b"detail-bin", b"/wA")]
+    assert headers[2] == [(b":status", b"200"), (b"content-type", b"application/grpc+proto"),
+                          (b"grpc-status", b"5"), (b"grpc-message", b"no%20such%20stream")]
+    ended = {e.stream_id for e in seen if isinstance(e, h2.events.StreamEnded)}
+    assert ended == {1, 3}
+    # Stream 1's request side is still open: its DATA is still taken, and then it is gone.
+    client.send_data(1, _message(b"late"), end_stream=True)
+    assert [type(e) for e in server.receive_data(client.data_to_send())] == [
+        MessageReceived, RequestEnded]
+    assert not server._streams
+
+
+def test_large_trailers_are_split_into_continuation_frames() -> None:
+    server, client = _pair()
+    client.send_headers(1, REQUEST, end_stream=True)
+    server.receive_data(client.data_to_send())
+    server.start_response(1)
+    big = "x" * 40_000
+    server.end_response(1, Status(StatusCode.INTERNAL, "boom"), (("big", big),))
+    seen = client.receive_data(server.data_to_send())
+    trailers = next(e for e in seen if isinstance(e, h2.events.TrailersReceived))
+    assert (b"big", big.encode()) in trailers.headers
+
+
+def test_flow_control_follows_the_clients_windows_and_settings() -> None:
+    server, client = _pair(INITIAL_WINDOW_SIZE=10, MAX_FRAME_SIZE=20_000)
+    client.send_headers(1, REQUEST, end_stream=True)
+    server.receive_data(client.data_to_send())
+    server.start_response(1)
+    assert server.flow_control_window(1) == 10
+    server.send_data(1, b"0123456789")
+    assert server.flow_control_window(1) == 0
+    with pytest.raises(ValueError, match="flow-control window"):
+        server.send_data(1, b"x")
+    # A WINDOW_UPDATE for the stream, then a larger INITIAL_WINDOW_SIZE: both open it.
+    client.receive_data(server.data_to_send())
+    client.increment_flow_control_window(5, stream_id=1)
+    events = server.receive_data(client.data_to_send())
+    assert [(type(e), e.stream_id) for e in events] == [(WindowUpdated, 1)]
+    assert server.flow_control_window(1) == 5
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100_000})
+    events = server.receive_data(client.data_to_send())
+    assert [(type(e), e.stream_id) for e in events] == [(WindowUpdated, 0)]
+    assert server.flow_control_window(1) == 20_000  # the client's MAX_FRAME_SIZE
+    for _ in range(3):
+        server.send_data(1, b"y" * 20_000)
+    # The connection's own window (65,535 less the 60,010 bytes sent) is now the limit.
+    assert server.flow_control_window(1) == 5_525
+    seen = client.receive_data(server.data_to_send())
+    assert sum(len(e.data) for e in seen if isinstance(e, h2.events.DataReceived)) == 60_000
+    client.increment_flow_control_window(100_000)
+    server.receive_data(client.data_to_send())
+    assert server.flow_control_window(1) == 20_000
+
+
+def test_a_request_larger_than_a_window_is_acknowledged_and_read() -> None:
+    """A client's 200 kB message crosses its default 64 kB connection window only because
+    the server opened the connection's window at the start."""
+    server, client = _pair()
+    client.send_headers(1, REQUEST)
+    payload = bytes(range(256)) * 800
+    message = _message(payload)
+    got: list[object] = []
+    while message:
+        size = min(client.local_flow_control_window(1), client.max_outbound_frame_size,
+                   len(message))
+        client.send_data(1, message[:size], end_stream=size == len(message))
+        message = message[size:]
+        for event in server.receive_data(client.data_to_send()):
+            if isinstance(event, MessageReceived):
+                server.acknowledge_received_data(1, event.flow_controlled_length)
+            got.append(event)
+        client.receive_data(server.data_to_send())
+    assert [type(e) for e in got] == [RequestReceived, MessageReceived, RequestEnded]
+    assert got[1].data == payload
+
+
+def test_a_reset_stream_ends_its_request_and_refuses_sends() -> None:
+    server, client = _pair()
+    client.send_headers(1, REQUEST)
+    server.receive_data(client.data_to_send())
+    server.start_response(1)
+    client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+    events = server.receive_data(client.data_to_send())
+    assert [(type(e), e.stream_id) for e in events] == [(RequestEnded, 1), (WindowUpdated, 1)]
+    for send in (lambda: server.send_data(1, b"x"), lambda: server.flow_control_window(1),
+                 lambda: server.end_response(1, Status(StatusCode.OK))):
+        with pytest.raises(StreamClosedError):
+            send()
+    # The connection goes on.
+    client.send_headers(3, REQUEST, end_stream=True)
+    assert [type(e) for e in server.receive_data(client.data_to_send())] == [
+        RequestReceived, RequestEnded]
+
+
+def test_requests_that_are_not_grpc_get_an_http_status_and_the_connection_goes_on() -> None:
+    server, client = _pair()
+    client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":path", "/"),
+                            (":authority", "localhost")], end_stream=True)
+    client.send_headers(3, [*REQUEST[:5], ("content-type", "text/plain")], end_stream=True)
+    assert server.receive_data(client.data_to_send()) == []
+    seen = client.receive_data(server.data_to_send())
+    statuses = [(e.stream_id, dict(e.headers)[b":status"]) for e in seen
+                if isinstance(e, h2.events.ResponseReceived)]
+    assert statuses == [(1, b"405"), (3, b"415")]
+    # Headers over the advertised list size: RESOURCE_EXHAUSTED for that call.
+    client.send_headers(5, [*REQUEST, ("x-big", "v" * OUR_MAX_HEADER_LIST_SIZE)],
+                        end_stream=True)
+    assert server.receive_data(client.data_to_send()) == []
+    seen = client.receive_data(server.data_to_send())
+    response = next(e for e in seen if isinstance(e, h2.events.ResponseReceived))
+    assert (b"grpc-status", b"8") in response.headers
+    client.send_headers(7, REQUEST, end_stream=True)
+    assert [type(e) for e in server.receive_data(client.data_to_send())] == [
+        RequestReceived, RequestEnded]
+
+
+def _raw_frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return struct.pack(">IBI", len(payload) << 8 | kind, flags, stream_id) + payload
+
+
+def _literals(headers: list[tuple[str, str]]) -> bytes:
+    out = b""
+    for name, value in headers:
+        out += bytes((0, len(name))) + name.encode() + bytes((len(value),)) + value.encode()
+    return out
+
+
+def test_a_malformed_request_is_reset_and_the_connection_goes_on() -> None:
+    server, client = _pair()
+    bad = _literals([(":method", "POST"), (":scheme", "http"), (":path", "/a/b"),
+                     ("Content-Type", "application/grpc")])
+    assert server.receive_data(_raw_frame(0x1, 0x5, 1, bad)) == []
+    assert server.data_to_send() == _raw_frame(0x3, 0x0, 1, b"\0\0\0\x01")
+    # Binary metadata that is not base64.
+    bad = _literals([*REQUEST, ("x-id-bin", "not base64!")])
+    assert server.receive_data(_raw_frame(0x1, 0x5, 3, bad)) == []
+    assert server.data_to_send() == _raw_frame(0x3, 0x0, 3, b"\0\0\0\x01")
+    client.send_headers(5, REQUEST, end_stream=True)
+    assert [type(e) for e in server.receive_data(client.data_to_send())] == [
+        RequestReceived, RequestEnded]
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    (_raw_frame(0x0, 0x1, 9, b"x"), h2.errors.ErrorCodes.PROTOCOL_ERROR),  # DATA, idle
+    (_raw_frame(0x1, 0x5, 2, b""), h2.errors.ErrorCodes.PROTOCOL_ERROR),  # even stream
+    (_raw_frame(0x1, 0x5, 1, b"\xff"), h2.errors.ErrorCodes.COMPRESSION_ERROR),
+    (_raw_frame(0x8, 0x0, 0, b"\0\0\0\0"), h2.errors.ErrorCodes.PROTOCOL_ERROR),
+    (_raw_frame(0x8, 0x0, 0, b"\x7f\xff\xff\xff"), h2.errors.ErrorCodes.FLOW_CONTROL_ERROR),
+    (_raw_frame(0x4, 0x0, 0, struct.pack(">HI", 5, 100)), h2.errors.ErrorCodes.PROTOCOL_ERROR),
+    (_raw_frame(0x4, 0x0, 0, struct.pack(">HI", 4, 2**31)),
+     h2.errors.ErrorCodes.FLOW_CONTROL_ERROR),
+    (_raw_frame(0x6, 0x0, 0, b"1234"), h2.errors.ErrorCodes.FRAME_SIZE_ERROR),
+    (_raw_frame(0x3, 0x0, 11, b"\0\0\0\x08"), h2.errors.ErrorCodes.PROTOCOL_ERROR),
+])
+def test_protocol_errors_end_the_connection_with_goaway(frame: bytes, code: int) -> None:
+    server, client = _pair()
+    with pytest.raises(Http2ConnectionError):
+        server.receive_data(frame)
+    seen = client.receive_data(server.data_to_send())
+    assert [(type(e), e.error_code) for e in seen] == [(h2.events.ConnectionTerminated, code)]
+    # Nothing more is read after the GOAWAY.
+    assert server.receive_data(_raw_frame(0x1, 0x5, 13, _literals(REQUEST))) == []
+
+
+def test_not_http2_at_all() -> None:
+    server = ServerConnection(GRPCConfiguration(client_side=False))
+    with pytest.raises(Http2ConnectionError):
+        server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+def test_ping_is_answered_and_a_table_size_change_is_acknowledged_in_the_next_block() -> None:
+    server, client = _pair()
+    client.ping(b"12345678")
+    seen = _exchange(server, client)
+    assert [(type(e), e.ping_data) for e in seen] == [(h2.events.PingAckReceived, b"12345678")]
+    client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    client.send_headers(1, REQUEST, end_stream=True)
+    server.receive_data(client.data_to_send())
+    server.start_response(1, "+proto")
+    server.end_response(1, Status(StatusCode.OK))
+    sent = server.data_to_send()
+    assert b"\x20\x88" in sent  # the size update opens the response's header block
+    seen = client.receive_data(sent)
+    assert any(isinstance(e, h2.events.TrailersReceived) for e in seen)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10), st.integers(0, 255), st.integers(0, 9),
+                          st.binary(max_size=40)), max_size=8))
+def test_any_frames_end_in_events_or_a_connection_error(
+        frames: list[tuple[int, int, int, bytes]]) -> None:
+    """Whatever a client sends, the connection answers with events, stream resets or a
+    GOAWAY: never another exception (which would end the connection without one)."""
+    server, client = _pair()
+    client.send_headers(1, REQUEST)
+    server.receive_data(client.data_to_send())
+    server.start_response(1)
+    try:
+        for kind, flags, stream_id, payload in frames:
+            server.receive_data(_raw_frame(kind, flags, stream_id, payload))
+    except Http2ConnectionError:
+        assert b"\x07\x00\x00\x00\x00\x00" in server.data_to_send()  # a GOAWAY went out
