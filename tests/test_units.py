@@ -12,6 +12,9 @@ import anyio
 import anyio.abc
 import pytest
 import trio
+import trio.testing
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
 from purerpc.grpclib.status import StatusCode
 
 import eventstore
@@ -26,8 +29,9 @@ from eventstore.errors import (
     Unavailable,
     WrongExpectedVersion,
 )
+from eventstore.grpc.http2 import ServerConnection
 from eventstore.grpc.status import STATUS_OF, to_status
-from eventstore.grpc.transport import _EagerSocket
+from eventstore.grpc.transport import _EagerSocket, _EagerStream
 from eventstore.store.batching import (
     Retry,
     Reused,
@@ -398,3 +402,30 @@ def test_peers_decide_whether_commits_are_announced() -> None:
     assert peers.present()
     assert EXPIRY_SECONDS > 3 * ANNOUNCE_SECONDS
     assert is_commit("") and not is_commit(HELLO) and not is_commit(HERE)
+
+
+async def test_queued_request_events_are_read_without_a_yield() -> None:
+    """A unary call's headers, message and end usually arrive in one read: its handler reads
+    them without a round of the scheduler each, and waits only for what has not arrived."""
+    connection = ServerConnection(GRPCConfiguration(client_side=False))
+    stream = _EagerStream(connection, 1, None, None)
+    events = [RequestReceived(1, "http", "s", "m", "application/grpc"),
+              MessageReceived(1, b"x", 6), RequestEnded(1)]
+    for event in events:
+        stream.deliver(event)
+    with trio.testing.assert_no_checkpoints():
+        assert [await stream.receive_event() for _ in events] == events
+    stream = _EagerStream(connection, 3, None, None)
+    later = RequestEnded(3)
+    got: list[object] = []
+
+    async def receive() -> None:
+        got.append(await stream.receive_event())
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            stream.deliver(later)
+    assert got == [later]
