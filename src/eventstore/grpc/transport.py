@@ -303,7 +303,12 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     continue
                 known = streams.get(event.stream_id)
                 if known is None:
-                    continue  # its handler has finished
+                    # Its handler has finished (a refused call whose client still sends): what
+                    # it sent still counts against the connection's window, so free it.
+                    if isinstance(event, MessageReceived):
+                        connection.acknowledge_received_data(event.stream_id,
+                                                             event.flow_controlled_length)
+                    continue
                 known.deliver(event)
                 if isinstance(event, RequestEnded):
                     known._close_remote()
