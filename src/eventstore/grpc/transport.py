@@ -164,13 +164,30 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         self._grpc_connection = grpc_connection
         self._grpc_socket = grpc_socket
         self._socket = socket
-        self._flow_control_update_event = anyio.Event()
+        self._window_waiter: trio.Event | None = None
         self._incoming: deque[Any] = deque()
         self._arrival: trio.Event | None = None
         self._response_started = False
         self._state = GRPCStreamState.OPEN
         self._start_stream_event = None
         self._end_stream_event = None
+
+    async def _wait_flow_control_update(self) -> None:
+        """Wait for the client to open the window (purerpc's `_send` checks the window
+        again after this returns)."""
+        self._window_waiter = waiter = trio.Event()
+        try:
+            await waiter.wait()
+        finally:
+            self._window_waiter = None
+
+    def window_opened(self) -> None:
+        """The client opened this stream's or the connection's window, or reset the stream:
+        wake a sender waiting for it. Nothing to do for a stream not waiting, the usual case
+        (purerpc set an event on every stream for every WINDOW_UPDATE: 3% of the server's
+        samples at batch 1 × 64 clients)."""
+        if self._window_waiter is not None:
+            self._window_waiter.set()
 
     def deliver(self, event: Any) -> None:
         """Queue an event from the connection (never blocks)."""
@@ -292,9 +309,9 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                 if isinstance(event, WindowUpdated):
                     if event.stream_id == 0:
                         for stream in streams.values():
-                            await stream._set_flow_control_update()
+                            stream.window_opened()
                     elif event.stream_id in streams:
-                        await streams[event.stream_id]._set_flow_control_update()
+                        streams[event.stream_id].window_opened()
                     continue
                 if isinstance(event, RequestReceived):
                     stream = self._allocate_stream(event.stream_id)
