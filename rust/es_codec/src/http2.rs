@@ -435,6 +435,18 @@ fn check_field(
     if name.iter().any(u8::is_ascii_uppercase) {
         return Some("an uppercase header name");
     }
+    // §8.2.1: no controls, spaces or non-ASCII in names (past a pseudo-header's colon), and
+    // values without NUL, CR or LF, not starting or ending with a space or tab.
+    let bare = name.strip_prefix(b":").unwrap_or(name);
+    if bare.iter().any(|&b| b <= 0x20 || b >= 0x7f || b == b':') {
+        return Some("a header name with a character not allowed in it");
+    }
+    if value.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n'))
+        || value.first().is_some_and(|&b| b == b' ' || b == b'\t')
+        || value.last().is_some_and(|&b| b == b' ' || b == b'\t')
+    {
+        return Some("a header value with NUL, CR, LF or surrounding whitespace");
+    }
     if let Some(pseudo) = name.strip_prefix(b":") {
         *has_pseudo = true;
         if *regular_seen {
@@ -682,7 +694,19 @@ mod tests {
 
     #[test]
     fn malformed_requests_are_reported_not_fatal() {
-        let cases: [(&[(&str, &str)], &str); 8] = [
+        let cases: [(&[(&str, &str)], &str); 11] = [
+            (
+                &[(":method", "POST"), ("x y", "1")],
+                "a header name with a character not allowed in it",
+            ),
+            (
+                &[(":method", "POST"), ("x", "a\r\nb")],
+                "a header value with NUL, CR, LF or surrounding whitespace",
+            ),
+            (
+                &[(":method", "POST"), ("x", " a")],
+                "a header value with NUL, CR, LF or surrounding whitespace",
+            ),
             (
                 &[(":method", "POST"), (":Path", "/a/b")],
                 "an uppercase header name",
@@ -743,6 +767,10 @@ mod tests {
                 vec![Seen::Headers(1, false, owned(headers), Some(problem))]
             );
         }
+    }
+
+    #[test]
+    fn trailers_pass_and_text_that_is_not_utf8_is_reported() {
         // Trailers: no pseudo-header fields, no problem.
         let mut r = reader();
         let seen = read(
