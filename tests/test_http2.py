@@ -4,6 +4,7 @@ resets, and what happens to a client that breaks the protocol."""
 
 from __future__ import annotations
 
+import gzip
 import struct
 
 import h2.config
@@ -12,6 +13,8 @@ import h2.errors
 import h2.events
 import h2.settings
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from purerpc.grpclib.config import GRPCConfiguration
@@ -24,6 +27,7 @@ from eventstore.grpc.http2 import (
     Http2ConnectionError,
     ServerConnection,
 )
+from eventstore.grpc.transport import GrpcServer, Method
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/pkg.Service/Method"),
            (":authority", "localhost"), ("te", "trailers"),
@@ -304,3 +308,150 @@ def test_any_frames_end_in_events_or_a_connection_error(
             server.receive_data(_raw_frame(kind, flags, stream_id, payload))
     except Http2ConnectionError:
         assert b"\x07\x00\x00\x00\x00\x00" in server.data_to_send()  # a GOAWAY went out
+
+
+def test_settings_cannot_push_a_window_over_the_limit_and_cost_one_pass() -> None:
+    """§6.9.2; and many INITIAL_WINDOW_SIZE entries in one frame are applied once (a frame
+    of them used to cost entries × streams)."""
+    server, client = _pair()
+    for stream_id in range(1, 2001, 2):
+        client.send_headers(stream_id, REQUEST)
+    server.receive_data(client.data_to_send())
+    entries = b"".join(struct.pack(">HI", 4, 70_000 + i) for i in range(20_000))
+    server.receive_data(_raw_frame(0x4, 0x0, 0, entries))
+    assert {s.send_window for s in server._streams.values()} == {89_999}
+    server.receive_data(_raw_frame(0x8, 0x0, 1, struct.pack(">I", 2**31 - 1 - 89_999)))
+    with pytest.raises(Http2ConnectionError, match="over 2\\^31-1"):
+        server.receive_data(_raw_frame(0x4, 0x0, 0, struct.pack(">HI", 4, 100_000)))
+
+
+def test_streams_out_of_order_or_closed_are_reset_not_ignored() -> None:
+    server, _ = _pair()
+    server.receive_data(_raw_frame(0x1, 0x5, 5, _literals(REQUEST)))
+    server.data_to_send()
+    # A lower id than one already opened, and HEADERS on a stream whose request has ended.
+    assert server.receive_data(_raw_frame(0x1, 0x5, 3, _literals(REQUEST))) == []
+    assert server.data_to_send() == _raw_frame(0x3, 0x0, 3, b"\0\0\0\x05")
+    events = server.receive_data(_raw_frame(0x1, 0x5, 5, _literals([("x", "y")])))
+    assert [type(e) for e in events] == [WindowUpdated]
+    assert server.data_to_send() == _raw_frame(0x3, 0x0, 5, b"\0\0\0\x05")
+    # HEADERS without any pseudo-header field opening a stream: malformed.
+    assert server.receive_data(_raw_frame(0x1, 0x5, 7, _literals([("a", "b")]))) == []
+    assert server.data_to_send() == _raw_frame(0x3, 0x0, 7, b"\0\0\0\x01")
+
+
+@pytest.mark.parametrize("header", [("x-id-bin", "é"), ("x", "a\r\nb"), ("a b", "c")])
+def test_bad_header_characters_reset_the_stream(header: tuple[str, str]) -> None:
+    server, _ = _pair()
+    block = _literals(REQUEST) + bytes((0, len(header[0]))) + header[0].encode() + bytes(
+        (len(header[1].encode()),)) + header[1].encode()
+    assert server.receive_data(_raw_frame(0x1, 0x5, 1, block)) == []
+    assert server.data_to_send() == _raw_frame(0x3, 0x0, 1, b"\0\0\0\x01")
+
+
+@pytest.mark.parametrize("timeout", ["²S", "123456789S", "5x", "S"])
+def test_a_timeout_that_is_not_one_is_ignored(timeout: str) -> None:
+    server, client = _pair()
+    client.send_headers(1, [*REQUEST, ("grpc-timeout", timeout)], end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [RequestReceived, RequestEnded]
+    assert events[0].timeout is None
+
+
+def _compressed(payload: bytes) -> bytes:
+    return struct.pack(">?I", True, len(payload)) + payload
+
+
+def _trailers(seen: list[object]) -> dict[bytes, bytes]:
+    headers = [e.headers for e in seen
+               if isinstance(e, h2.events.ResponseReceived | h2.events.TrailersReceived)]
+    return dict(headers[-1])
+
+
+@pytest.mark.parametrize(("encoding", "body", "status", "words"), [
+    ("gzip", gzip.compress(b"x" * (33 << 20)), b"8", b"decompresses%20to%20over"),
+    ("gzip", b"not gzip", b"13", b"corrupt"),
+    ("br", b"whatever", b"12", b"not%20supported"),
+])
+def test_compressed_messages_are_bounded_and_refused_with_a_status(
+        encoding: str, body: bytes, status: bytes, words: bytes) -> None:
+    server, client = _pair()
+    client.send_headers(1, [*REQUEST, ("grpc-encoding", encoding)])
+    client.send_data(1, _compressed(body), end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [RequestReceived, RequestEnded, WindowUpdated]
+    trailers = _trailers(client.receive_data(server.data_to_send()))
+    assert trailers[b"grpc-status"] == status and words in trailers[b"grpc-message"]
+    assert not server._streams
+    assert server._received == len(_compressed(body))  # credited back to the connection
+
+
+def test_a_gzip_message_is_read() -> None:
+    server, client = _pair()
+    client.send_headers(1, [*REQUEST, ("grpc-encoding", "gzip")])
+    client.send_data(1, _compressed(gzip.compress(b"hello")), end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [RequestReceived, MessageReceived, RequestEnded]
+    assert events[1].data == b"hello"
+
+
+def test_a_message_over_the_limit_is_refused_on_its_stream_only() -> None:
+    server, client = _pair()
+    client.send_headers(1, REQUEST)
+    client.send_data(1, struct.pack(">?I", False, (32 << 20) + 1) + b"x" * 100)
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [RequestReceived, RequestEnded, WindowUpdated]
+    trailers = _trailers(client.receive_data(server.data_to_send()))
+    assert trailers[b"grpc-status"] == b"8"
+    client.send_headers(3, REQUEST, end_stream=True)
+    assert [type(e) for e in server.receive_data(client.data_to_send())] == [
+        RequestReceived, RequestEnded]
+
+
+def test_a_reset_upload_gives_its_bytes_back_to_the_connection() -> None:
+    server, client = _pair()
+    client.send_headers(1, REQUEST)
+    client.send_data(1, struct.pack(">?I", False, 100_000) + b"x" * 50_000)
+    server.receive_data(client.data_to_send())
+    assert server._received == 0
+    client.reset_stream(1)
+    server.receive_data(client.data_to_send())
+    assert server._received == 50_005
+
+
+async def test_a_connection_that_ends_ends_its_waiting_calls() -> None:
+    """Over a real socket: a call still waiting for its request when the client goes away is
+    cancelled, and the server closes the connection; after a protocol error too."""
+    seen: list[tuple[str, str]] = []
+    observed = trio.Event()
+
+    def observe(method: str, code: str, seconds: float) -> None:
+        seen.append((method, code))
+        observed.set()
+
+    async def echo(raw: bytes, request: object) -> bytes:
+        return raw
+
+    server = GrpcServer({"pkg.Service/Method": Method(unary=echo)}, max_request_bytes=1 << 20,
+                        observe=observe)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        for ending in (b"", _raw_frame(0x6, 0x0, 0, b"1234")):  # EOF; a PING of 4 bytes
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.initiate_connection()
+            client.send_headers(1, REQUEST)  # and no message
+            sock = await trio.open_tcp_stream("127.0.0.1", port)
+            await sock.send_all(client.data_to_send())
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            with trio.fail_after(10):
+                if ending:
+                    await sock.send_all(ending)
+                    while await sock.receive_some():  # GOAWAY, then the server closes
+                        pass
+                else:
+                    await sock.send_eof()
+                await observed.wait()
+            observed = trio.Event()
+            await sock.aclose()
+        nursery.cancel_scope.cancel()
+    assert seen == [("Method", "CANCELLED"), ("Method", "CANCELLED")]

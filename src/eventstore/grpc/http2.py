@@ -13,18 +13,21 @@ settings.
 What it sends is HPACK without the dynamic table (literals "without indexing"), so its
 header blocks are valid in any state of the connection and the common ones are ready-made.
 
-Errors: a connection error (RFC 9113 §5.4.1) queues GOAWAY and raises `Http2ConnectionError`;
-a stream error queues RST_STREAM and the connection goes on. A request that is well-formed
-HTTP/2 but not gRPC is answered: 405 for a method other than POST, 415 for a content type
-other than application/grpc, RESOURCE_EXHAUSTED for headers over the advertised size.
+Errors: a connection error (RFC 9113 §5.4.1) queues GOAWAY and raises `Http2ConnectionError`
+(nothing else escapes `receive_data`); a stream error queues RST_STREAM and the connection goes
+on. A request that is well-formed HTTP/2 but not gRPC is answered: 405 for a method other than
+POST, 415 for a content type other than application/grpc, RESOURCE_EXHAUSTED for headers over
+the advertised size. A request message that cannot be read gets a status of its own:
+RESOURCE_EXHAUSTED over the message size limit (after decompression too), UNIMPLEMENTED for an
+unknown compression, INTERNAL for corrupt compressed data.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import struct
 import urllib.parse
+import zlib
 from datetime import timedelta
 from typing import Any
 
@@ -36,7 +39,12 @@ from purerpc.grpclib.events import (
     RequestReceived,
     WindowUpdated,
 )
-from purerpc.grpclib.exceptions import MessageTooLargeError, ProtocolError, StreamClosedError
+from purerpc.grpclib.exceptions import (
+    MessageTooLargeError,
+    ProtocolError,
+    StreamClosedError,
+    UnsupportedMessageEncodingError,
+)
 from purerpc.grpclib.headers import sanitize_headers
 from purerpc.grpclib.status import Status, StatusCode
 
@@ -102,16 +110,49 @@ class Http2ConnectionError(ProtocolError):  # type: ignore[misc]  # purerpc is u
 
 
 class _Stream:
-    __slots__ = ("buffer", "local_open", "received", "recv_window", "remote_open",
-                 "send_window")
+    __slots__ = ("buffer", "headers_sent", "local_open", "received", "recv_window",
+                 "remote_open", "send_window", "undelivered")
 
     def __init__(self, send_window: int, recv_window: int, buffer: MessageReadBuffer) -> None:
         self.send_window = send_window
         self.recv_window = recv_window
         self.received = 0  # bytes consumed since the last WINDOW_UPDATE for this stream
+        # Flow-controlled bytes received but not yet handed over in a MessageReceived (whose
+        # reader acknowledges them): credited back to the connection when the stream goes.
+        self.undelivered = 0
         self.remote_open = True
         self.local_open = True
+        self.headers_sent = False
         self.buffer = buffer
+
+
+class _ReadBuffer(MessageReadBuffer):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's message reader, with decompression bounded by the message size limit (purerpc
+    bounds only the compressed length) and gzip read as gzip (purerpc reads it as zlib)."""
+
+    def decompress(self, data: bytes) -> bytes:
+        wbits = {"gzip": 31, "deflate": 15}.get(self._message_encoding)
+        if wbits is None:
+            raise UnsupportedMessageEncodingError(
+                f"message encoding {self._message_encoding!r} is not supported")
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out: bytes = inflater.decompress(data, self._max_message_length + 1)
+        except zlib.error as error:
+            raise _BadMessage(StatusCode.INTERNAL, f"the compressed message is corrupt: "
+                              f"{error}") from None
+        if len(out) > self._max_message_length or inflater.unconsumed_tail:
+            raise MessageTooLargeError(f"message decompresses to over "
+                                       f"{self._max_message_length} bytes")
+        return out
+
+
+class _BadMessage(Exception):
+    """A request message that cannot be read: its call is answered with `code`."""
+
+    def __init__(self, code: StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ServerConnection:
@@ -150,6 +191,9 @@ class ServerConnection:
 
     def has_data_to_send(self) -> bool:
         return bool(self._out)
+
+    def bytes_to_send(self) -> int:
+        return len(self._out)
 
     def data_to_send(self, amount: int | None = None) -> bytes:
         if amount is not None and amount < len(self._out):
@@ -250,8 +294,9 @@ class ServerConnection:
         self._headers(stream_id, stream, block, end_stream=True)
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
-        if self._streams.pop(stream_id, None) is not None:
-            self._frame(RST_STREAM, 0, stream_id, _U32.pack(int(error_code)))
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._reset(stream_id, stream, int(error_code), [])
 
     # ----------------------------------------------------------------------- inbound
 
@@ -259,21 +304,24 @@ class ServerConnection:
                     problem: str | None, has_pseudo: bool, events: list[Any]) -> None:
         if stream_id % 2 == 0:
             raise self._connection_error(PROTOCOL_ERROR, "HEADERS on an even stream")
-        stream = self._streams.get(stream_id)
         if stream_id <= self._last_stream_id:
+            stream = self._streams.get(stream_id)
             if stream is None or not stream.remote_open:
-                # Closed: what was in flight when it closed is ignored.
+                # Closed, or never opened (a client may not go back to a lower id): the
+                # client is told, its connection goes on (§5.1).
+                self._frame(RST_STREAM, 0, stream_id, _U32.pack(STREAM_CLOSED))
+                if stream is not None:
+                    self._drop(stream_id, stream, events)
                 return
             # Trailers: they end the request, and carry nothing gRPC reads.
-            if has_pseudo or not end_stream:
-                self._reset(stream_id, PROTOCOL_ERROR)
-                events.append(RequestEnded(stream_id))
+            if has_pseudo or problem is not None or not end_stream:
+                self._reset(stream_id, stream, PROTOCOL_ERROR, events)
                 return
             self._close_remote(stream_id, stream, events)
             return
         self._last_stream_id = stream_id
-        if problem is not None:
-            if problem.startswith("the header list is over"):
+        if problem is not None or not has_pseudo:
+            if problem is not None and problem.startswith("the header list is over"):
                 self._frame(HEADERS, END_HEADERS | END_STREAM, stream_id, self._block(_encode([
                     (":status", "200"), ("content-type", "application/grpc"),
                     *_status_headers(Status(StatusCode.RESOURCE_EXHAUSTED,
@@ -296,12 +344,12 @@ class ServerConnection:
             if not end_stream:
                 self._frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR))
             return
-        self._streams[stream_id] = _Stream(
-            self._initial_window, self._our_initial_window,
-            MessageReadBuffer(request.message_encoding, self.config.max_message_length))
+        stream = _Stream(self._initial_window, self._our_initial_window,
+                         _ReadBuffer(request.message_encoding, self.config.max_message_length))
+        self._streams[stream_id] = stream
         events.append(request)
         if end_stream:
-            self._close_remote(stream_id, self._streams[stream_id], events)
+            self._close_remote(stream_id, stream, events)
 
     def _on_data(self, stream_id: int, end_stream: bool, data: bytes, flow_len: int,
                  events: list[Any]) -> None:
@@ -312,21 +360,32 @@ class ServerConnection:
             raise self._connection_error(PROTOCOL_ERROR, "DATA on a stream not opened")
         stream = self._streams.get(stream_id)
         if stream is None or not stream.remote_open:
-            # Closed or reset: in flight when it closed. Its bytes still count for the
-            # connection's window.
+            # Closed or reset (in flight when it closed), or never opened: ignored, but its
+            # bytes still count for the connection's window.
             self.acknowledge_received_data(0, flow_len)
+            if stream is not None:  # the client had ended its request (§5.1)
+                self._reset(stream_id, stream, STREAM_CLOSED, events)
             return
+        stream.undelivered += flow_len
         stream.recv_window -= flow_len
         if stream.recv_window < 0:
-            self._reset(stream_id, FLOW_CONTROL_ERROR)
-            events.append(RequestEnded(stream_id))
+            self._reset(stream_id, stream, FLOW_CONTROL_ERROR, events)
             return
         try:
             stream.buffer.data_received(data, flow_len)
             for message, length in stream.buffer.read_all_complete_messages_flowcontrol():
+                stream.undelivered -= length
                 events.append(MessageReceived(stream_id, message, length))
         except MessageTooLargeError as error:
-            raise self._connection_error(PROTOCOL_ERROR, str(error)) from None
+            self._refuse(stream_id, stream, StatusCode.RESOURCE_EXHAUSTED, str(error), events)
+            return
+        except UnsupportedMessageEncodingError as error:
+            self._refuse(stream_id, stream, StatusCode.UNIMPLEMENTED,
+                         f"{error}; send messages uncompressed", events)
+            return
+        except _BadMessage as error:
+            self._refuse(stream_id, stream, error.code, str(error), events)
+            return
         if end_stream:
             self._close_remote(stream_id, stream, events)
 
@@ -344,14 +403,17 @@ class ServerConnection:
         stream = self._streams.get(stream_id)
         if stream is None:
             return
+        if increment == 0:
+            self._reset(stream_id, stream, PROTOCOL_ERROR, events)
+            return
         stream.send_window += increment
-        if increment == 0 or stream.send_window > MAX_WINDOW:
-            self._reset(stream_id, PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR)
-            if stream.remote_open:
-                events.append(RequestEnded(stream_id))
+        if stream.send_window > MAX_WINDOW:
+            self._reset(stream_id, stream, FLOW_CONTROL_ERROR, events)
+            return
         events.append(WindowUpdated(stream_id, increment))
 
     def _on_settings(self, payload: bytes, events: list[Any]) -> None:
+        initial_window = None
         for key, value in _SETTING.iter_unpack(payload):
             if key == HEADER_TABLE_SIZE:
                 # Our encoder keeps an empty table; say so at the next header block (RFC
@@ -363,14 +425,19 @@ class ServerConnection:
                 if value > MAX_WINDOW:
                     raise self._connection_error(FLOW_CONTROL_ERROR,
                                                  "INITIAL_WINDOW_SIZE over 2^31-1")
-                delta = value - self._initial_window
-                self._initial_window = value
-                for stream in self._streams.values():
-                    stream.send_window += delta
+                initial_window = value  # the last one counts; applied once, below
             elif key == MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
                     raise self._connection_error(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
                 self.max_outbound_frame_size = value
+        if initial_window is not None and initial_window != self._initial_window:
+            delta = initial_window - self._initial_window
+            self._initial_window = initial_window
+            for stream in self._streams.values():
+                stream.send_window += delta
+                if stream.send_window > MAX_WINDOW:  # §6.9.2
+                    raise self._connection_error(FLOW_CONTROL_ERROR,
+                                                 "INITIAL_WINDOW_SIZE takes a window over 2^31-1")
         self._frame(SETTINGS, ACK, 0, b"")
         # Wake every sender waiting for the window (purerpc's reading of any settings).
         events.append(WindowUpdated(0, 0))
@@ -378,14 +445,9 @@ class ServerConnection:
     def _on_reset(self, stream_id: int, events: list[Any]) -> None:
         if stream_id > self._last_stream_id:
             raise self._connection_error(PROTOCOL_ERROR, "RST_STREAM on a stream not opened")
-        stream = self._streams.pop(stream_id, None)
-        if stream is None:
-            return
-        if stream.remote_open:
-            # A handler waiting for the request's message gets its end.
-            events.append(RequestEnded(stream_id))
-        # A handler waiting for the window wakes and finds the stream gone.
-        events.append(WindowUpdated(stream_id, 0))
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._drop(stream_id, stream, events)
 
     # ---------------------------------------------------------------------- helpers
 
@@ -397,6 +459,7 @@ class ServerConnection:
 
     def _close_remote(self, stream_id: int, stream: _Stream, events: list[Any]) -> None:
         stream.remote_open = False
+        self._credit(stream)  # a message the request ended in the middle of
         if not stream.local_open:
             del self._streams[stream_id]
         events.append(RequestEnded(stream_id))
@@ -406,9 +469,38 @@ class ServerConnection:
         if not stream.remote_open:
             del self._streams[stream_id]
 
-    def _reset(self, stream_id: int, code: int) -> None:
-        self._streams.pop(stream_id, None)
+    def _drop(self, stream_id: int, stream: _Stream, events: list[Any]) -> None:
+        """Forget a stream that was reset (by either side): its handler gets the end of the
+        request if it waits for it, a sender waiting for the window wakes and finds the
+        stream gone, and what it received but never delivered is credited back to the
+        connection."""
+        del self._streams[stream_id]
+        self._credit(stream)
+        if stream.remote_open:
+            events.append(RequestEnded(stream_id))
+        events.append(WindowUpdated(stream_id, 0))
+
+    def _reset(self, stream_id: int, stream: _Stream, code: int, events: list[Any]) -> None:
         self._frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+        self._drop(stream_id, stream, events)
+
+    def _refuse(self, stream_id: int, stream: _Stream, code: StatusCode, message: str,
+                events: list[Any]) -> None:
+        """Answer a call whose request cannot be read with a status, and stop its request."""
+        if stream.local_open:
+            status = _status_headers(Status(code, message))
+            if stream.headers_sent:
+                block = _encode(status)
+            else:
+                block = _encode([(":status", "200"), *self._response_headers("+proto"),
+                                 *status])
+            self._frame(HEADERS, END_HEADERS | END_STREAM, stream_id, self._block(block))
+        self._reset(stream_id, stream, NO_ERROR, events)
+
+    def _credit(self, stream: _Stream) -> None:
+        if stream.undelivered:
+            self.acknowledge_received_data(0, stream.undelivered)
+            stream.undelivered = 0
 
     def _connection_error(self, code: int, message: str) -> Http2ConnectionError:
         if not self._goaway_sent:
@@ -436,6 +528,7 @@ class ServerConnection:
         return block
 
     def _headers(self, stream_id: int, stream: _Stream, block: bytes, end_stream: bool) -> None:
+        stream.headers_sent = True
         block = self._block(block)
         flags = END_STREAM if end_stream else 0
         limit = self.max_outbound_frame_size
@@ -470,7 +563,7 @@ def _request(stream_id: int, headers: list[tuple[str, str]]) -> RequestReceived 
         elif name.endswith("-bin"):
             try:
                 metadata.extend((name, _b64decode(part)) for part in value.split(","))
-            except binascii.Error:
+            except ValueError:  # binascii.Error, or a character that is not ASCII
                 return None
         else:
             metadata.append((name, value))
@@ -496,9 +589,11 @@ def _request(stream_id: int, headers: list[tuple[str, str]]) -> RequestReceived 
 
 
 def _timeout(value: str) -> timedelta | None:
-    """grpc-timeout (a number and a unit) as purerpc reads it; None if it is not one."""
+    """grpc-timeout (up to 8 ASCII digits and a unit) as purerpc reads it; None if it is
+    not one."""
     unit = _TIMEOUT_UNITS.get(value[-1:])
-    if unit is None or not value[:-1].isdigit():
+    digits = value[:-1]
+    if unit is None or not (digits.isascii() and digits.isdigit() and len(digits) <= 8):
         return None
     return timedelta(seconds=int(value[:-1]) * unit)
 

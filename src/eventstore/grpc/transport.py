@@ -144,6 +144,8 @@ class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
 
 # purerpc's read size.
 _RECEIVE_BUFFER = 1024 * 1024
+# Bytes the connection may owe its client before the server stops reading from it.
+_MAX_UNSENT = 1024 * 1024
 
 # A gRPC message's prefix: compressed flag, then length.
 _MESSAGE_PREFIX = struct.Struct(">?I")
@@ -188,6 +190,12 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         samples at batch 1 × 64 clients)."""
         if self._window_waiter is not None:
             self._window_waiter.set()
+
+    def unread(self) -> list[Any]:
+        """Take the events nobody read."""
+        events = list(self._incoming)
+        self._incoming.clear()
+        return events
 
     def deliver(self, event: Any) -> None:
         """Queue an event from the connection (never blocks)."""
@@ -304,7 +312,12 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                 await self._socket.drain()
                 return
             if connection.has_data_to_send():
-                await self._socket.flush()
+                if connection.bytes_to_send() > _MAX_UNSENT:
+                    # A client that sends but does not read (pings, refused calls): stop
+                    # reading it until what it is owed has left.
+                    await self._socket.drain()
+                else:
+                    await self._socket.flush()
             for event in events:
                 if isinstance(event, WindowUpdated):
                     if event.stream_id == 0:
@@ -332,8 +345,13 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
 
     def forget(self, stream: _EagerStream) -> None:
         """A finished handler's stream: purerpc keeps it until both sides have closed, which
-        a stream reset by the client never does."""
+        a stream reset by the client never does. Messages it never read (a call answered
+        before its request was read) free their share of the connection's window."""
         self._streams.pop(stream._stream_id, None)
+        for event in stream.unread():
+            if isinstance(event, MessageReceived):
+                self._grpc_connection.acknowledge_received_data(event.stream_id,
+                                                                event.flow_controlled_length)
 
 
 @dataclass(frozen=True)
@@ -385,6 +403,11 @@ class GrpcServer:
                     async for stream in grpc_socket.listen():
                         nursery.start_soon(self._request, grpc_socket, stream, peer,
                                            certificate)
+                    # The client has gone (EOF), or broke the protocol and was sent GOAWAY:
+                    # nobody is left to answer, and a handler waiting for its request or for
+                    # the window would wait forever. (An append already queued is still
+                    # committed by the writer.)
+                    nursery.cancel_scope.cancel()
         except Exception as exc:
             # A peer that resets or speaks bad HTTP/2 only ends its own connection.
             log.debug("gRPC connection ended: %s", type(exc).__name__)
@@ -457,6 +480,9 @@ class GrpcServer:
                 if aclose is not None:
                     await aclose()
             await stream.close(Status(StatusCode.OK))
+        except trio.Cancelled:
+            code = "CANCELLED"  # the client's connection ended (or the server stops)
+            raise
         except CLIENT_GONE:
             # The client cancelled or disconnected: nobody is left to answer.
             code = "CANCELLED"
