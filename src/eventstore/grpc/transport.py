@@ -146,6 +146,8 @@ class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
 _RECEIVE_BUFFER = 1024 * 1024
 # Bytes the connection may owe its client before the server stops reading from it.
 _MAX_UNSENT = 1024 * 1024
+# How long the GOAWAY of a protocol error may take to leave before the connection closes.
+_GOAWAY_SECONDS = 5.0
 
 # A gRPC message's prefix: compressed flag, then length.
 _MESSAGE_PREFIX = struct.Struct(">?I")
@@ -227,9 +229,9 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         return event
 
     async def receive_event(self) -> Any:
-        """The next event, by `_receive` below: purerpc's `GRPCProtoStream.receive_event`
-        calls its base class's `_receive` directly (to parse messages into a type we do not
-        set), which bypassed this class's."""
+        """The next event, through this class's `_receive`: purerpc's
+        `GRPCProtoStream.receive_event` calls its base class's `_receive` by `super()` (to
+        parse messages into a type we do not set), which bypassed this class's."""
         return await self._receive()
 
     async def close(self, status: Status | None = None, content_type_suffix: str = "",
@@ -309,7 +311,8 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                 events = connection.receive_data(data)
             except Http2ConnectionError as error:
                 log.debug("gRPC connection ended by a protocol error: %s", error)
-                await self._socket.drain()
+                with trio.move_on_after(_GOAWAY_SECONDS):  # a client that reads nothing
+                    await self._socket.drain()
                 return
             if connection.has_data_to_send():
                 if connection.bytes_to_send() > _MAX_UNSENT:
