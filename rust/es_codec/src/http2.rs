@@ -137,14 +137,9 @@ impl FrameReader {
         } else {
             let mut buffer = std::mem::take(&mut self.buffer);
             buffer.extend_from_slice(data);
-            let result = self.read_frames(&buffer, &mut sink);
-            match result {
-                Ok(used) => {
-                    buffer.drain(..used);
-                    self.buffer = buffer;
-                }
-                Err(e) => return Err(e),
-            }
+            let used = self.read_frames(&buffer, &mut sink)?;
+            buffer.drain(..used);
+            self.buffer = buffer;
         }
         Ok(())
     }

@@ -595,7 +595,7 @@ def _timeout(value: str) -> timedelta | None:
     digits = value[:-1]
     if unit is None or not (digits.isascii() and digits.isdigit() and len(digits) <= 8):
         return None
-    return timedelta(seconds=int(value[:-1]) * unit)
+    return timedelta(seconds=int(digits) * unit)
 
 
 def _b64decode(value: str) -> bytes:

@@ -336,11 +336,7 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     continue
                 known = streams.get(event.stream_id)
                 if known is None:
-                    # Its handler has finished (a refused call whose client still sends): what
-                    # it sent still counts against the connection's window, so free it.
-                    if isinstance(event, MessageReceived):
-                        connection.acknowledge_received_data(event.stream_id,
-                                                             event.flow_controlled_length)
+                    self._discard(event)  # its handler has finished
                     continue
                 known.deliver(event)
                 if isinstance(event, RequestEnded):
@@ -352,9 +348,15 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
         before its request was read) free their share of the connection's window."""
         self._streams.pop(stream._stream_id, None)
         for event in stream.unread():
-            if isinstance(event, MessageReceived):
-                self._grpc_connection.acknowledge_received_data(event.stream_id,
-                                                                event.flow_controlled_length)
+            self._discard(event)
+
+    def _discard(self, event: Any) -> None:
+        """An event for a handler that has finished (a call answered before its request was
+        read, whose client may still be sending): a message still counts against the
+        connection's window until it is acknowledged."""
+        if isinstance(event, MessageReceived):
+            self._grpc_connection.acknowledge_received_data(event.stream_id,
+                                                            event.flow_controlled_length)
 
 
 @dataclass(frozen=True)
