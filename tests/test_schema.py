@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from eventstore.db.connection import connect
 from eventstore.db.migrations import (
     Migration,
     MigrationError,
@@ -41,6 +42,24 @@ def test_migrations_apply_once_and_are_recorded(pg_cluster: PgCluster) -> None:
         assert {"event_streams", "events", "snapshots", "schema_migrations"} <= tables
         recorded = conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
         assert recorded == [(m.version, m.checksum) for m in load_migrations()]
+
+
+def test_append_functions_keep_their_plans(database_url: str) -> None:
+    """The writer's per-commit functions carry no per-call setting (migration 004), and the
+    writer's connection plans its own statements per execution without forcing custom plans
+    on them: that combination is what lets PL/pgSQL keep the functions' plans."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        settings = dict(conn.execute(
+            "SELECT proname, proconfig FROM pg_proc WHERE proname IN"
+            " ('eventstore_begin_append', 'eventstore_finish_append')").fetchall())
+    assert settings == {"eventstore_begin_append": None, "eventstore_finish_append": None}
+    writer = connect(database_url, prepare=False)
+    try:
+        assert writer.prepare_threshold is None
+        row = writer.execute("SHOW plan_cache_mode").fetchone()
+        assert row == ("auto",)
+    finally:
+        writer.close()
 
 
 def test_a_changed_migration_is_refused(pg_cluster: PgCluster) -> None:

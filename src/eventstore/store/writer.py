@@ -383,7 +383,7 @@ class AppendWriter:
             self._conn = connect(
                 self._url,
                 statement_timeout_ms=self._settings.statement_timeout_ms,
-                custom_plans=True,
+                prepare=False,
             )
             self._backend_pid = self._conn.info.backend_pid
         return self._conn
