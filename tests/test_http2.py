@@ -27,7 +27,7 @@ from eventstore.grpc.http2 import (
     Http2ConnectionError,
     ServerConnection,
 )
-from eventstore.grpc.transport import GrpcServer, Method
+from eventstore.grpc.transport import GrpcServer, Method, after_reply
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/pkg.Service/Method"),
            (":authority", "localhost"), ("te", "trailers"),
@@ -455,3 +455,67 @@ async def test_a_connection_that_ends_ends_its_waiting_calls() -> None:
             await sock.aclose()
         nursery.cancel_scope.cancel()
     assert seen == [("Method", "CANCELLED"), ("Method", "CANCELLED")]
+
+
+async def test_work_after_the_reply_runs_once_whether_or_not_the_reply_went() -> None:
+    """`after_reply` actions (the audit line of a write) run after the reply is written; when
+    the client goes away first they still run, and one that fails does not stop the server."""
+    ran: list[bytes] = []
+    release = trio.Event()  # never set: the "wait" call waits until its client goes away
+    waited = trio.Event()
+
+    returned: set[bytes] = set()
+
+    def note(raw: bytes) -> None:
+        assert raw in returned or raw == b"wait"  # not before the handler had its reply
+        ran.append(raw)
+        if raw == b"wait":
+            waited.set()
+
+    async def handler(raw: bytes, request: RequestReceived) -> bytes:
+        after_reply(request, lambda: note(raw))
+        if raw == b"fail":
+            after_reply(request, lambda: 1 / 0)
+        if raw == b"wait":
+            await release.wait()
+        returned.add(raw)
+        return raw
+
+    async def send_and_read(port: int, message: bytes, *, hang_up: bool = False) -> bytes:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, REQUEST)
+        client.send_data(1, struct.pack(">?I", False, len(message)) + message, end_stream=True)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        await sock.send_all(client.data_to_send())
+        body = b""
+        with trio.fail_after(10):
+            if hang_up:
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                await sock.send_eof()
+                while await sock.receive_some():
+                    pass
+            else:
+                ended = False
+                while not ended:
+                    data = await sock.receive_some()
+                    assert data, "the server closed the connection before the reply"
+                    for event in client.receive_data(data):
+                        if isinstance(event, h2.events.DataReceived):
+                            body += event.data
+                        ended = ended or isinstance(event, h2.events.StreamEnded)
+        await sock.aclose()
+        return body[5:]
+
+    server = GrpcServer({"pkg.Service/Method": Method(unary=handler)}, max_request_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        assert await send_and_read(port, b"one") == b"one"
+        assert ran == [b"one"]  # in the same scheduler step as the reply's write
+        assert await send_and_read(port, b"fail") == b"fail"
+        await send_and_read(port, b"wait", hang_up=True)
+        with trio.fail_after(10):
+            await waited.wait()
+        assert await send_and_read(port, b"two") == b"two"
+        nursery.cancel_scope.cancel()
+    assert ran == [b"one", b"fail", b"wait", b"two"]

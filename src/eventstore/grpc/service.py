@@ -14,7 +14,7 @@ from eventstore import audit
 from eventstore.auth.principals import ANONYMOUS, Principal
 from eventstore.config import Settings
 from eventstore.errors import EventStoreError, InvalidArgument, LimitExceeded
-from eventstore.grpc.transport import Method
+from eventstore.grpc.transport import Method, after_reply
 from eventstore.store.live import Selector
 from eventstore.store.reader import Reader
 from eventstore.store.snapshots import Snapshots, check_snapshot_data, snapshot_message
@@ -104,9 +104,13 @@ class EventStoreService:
                          event_count=parsed.event_count if parsed else None,
                          reason=error.message)
             raise
-        audit.record("append", **audit.caller_of(request), outcome="ok",
-                     seconds=time.perf_counter() - started, stream_id=parsed.stream_id,
-                     stream_type=parsed.stream_type, **audit.append_fields(reply))
+        # The success's audit line is written once the reply is on its way: the client does not
+        # wait for it (a failure's line, above, is written before its status goes).
+        seconds = time.perf_counter() - started
+        stream_id, stream_type = parsed.stream_id, parsed.stream_type
+        after_reply(request, lambda: audit.record(
+            "append", **audit.caller_of(request), outcome="ok", seconds=seconds,
+            stream_id=stream_id, stream_type=stream_type, **audit.append_fields(reply)))
         return reply
 
     async def get_events(self, raw: bytes, request: RequestReceived) -> bytes:
@@ -169,10 +173,11 @@ class EventStoreService:
                          stream_id=stream_id, stream_type=stream_type, version=msg.version,
                          reason=error.message)
             raise
-        audit.record("snapshot_save", **audit.caller_of(request), outcome="ok",
-                     seconds=time.perf_counter() - started, stream_id=stream_id,
-                     stream_type=stream_type, version=msg.version,
-                     snapshot_id=saved.snapshot_id)
+        seconds, version = time.perf_counter() - started, msg.version
+        after_reply(request, lambda: audit.record(
+            "snapshot_save", **audit.caller_of(request), outcome="ok", seconds=seconds,
+            stream_id=stream_id, stream_type=stream_type, version=version,
+            snapshot_id=saved.snapshot_id))
         reply = pb.SaveSnapshotResponse(snapshot_id=saved.snapshot_id)
         reply.created_at.FromDatetime(saved.created_at)
         return bytes(reply.SerializeToString())

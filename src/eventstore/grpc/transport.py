@@ -51,6 +51,20 @@ Authenticate = Callable[[tuple[tuple[str, Any], ...], Any], Principal]
 UnaryHandler = Callable[[bytes, RequestReceived], Awaitable[bytes]]
 StreamHandler = Callable[[bytes, RequestReceived], AsyncIterator[bytes]]
 
+
+
+def after_reply(request: RequestReceived, action: Callable[[], None]) -> None:
+    """Run `action` once the call's reply has been handed to the socket, or the call has
+    ended without one (the client went away, the server stops): work the client need not wait
+    for, such as the audit line of a write that succeeded. Outside a call the transport runs,
+    `action` runs at once."""
+    pending: list[Callable[[], None]] | None = getattr(request, "after_reply", None)
+    if pending is None:
+        action()
+    else:
+        pending.append(action)
+
+
 # What sending on a stream raises once its client has gone (RST_STREAM, closed socket).
 CLIENT_GONE = (
     StreamClosedError,
@@ -450,6 +464,8 @@ class GrpcServer:
                         method: Method, certificate: Any) -> None:
         started = time.perf_counter()
         code = "OK"
+        deferred: list[Callable[[], None]] = []
+        event.after_reply = deferred
         try:
             if self._authenticate is not None and not method.public:
                 # Before the request is read: an unknown caller learns nothing about it.
@@ -506,6 +522,12 @@ class GrpcServer:
         finally:
             if self._observe is not None:
                 self._observe(event.method_name, code, time.perf_counter() - started)
+            for action in deferred:
+                try:
+                    action()
+                except Exception:
+                    log.exception("work after the reply of %s/%s failed", event.service_name,
+                                  event.method_name)
 
 
 def _peer_of(byte_stream: anyio.abc.ByteStream) -> str:
