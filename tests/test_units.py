@@ -323,6 +323,14 @@ def test_log_formats_carry_the_structured_fields() -> None:
     assert json.loads(JsonFormatter().format(record))["grpc_port"] == 50051
     text = TextFormatter().format(record)
     assert "eventstore listening" in text and "grpc_port=50051" in text
+    # The timestamp's second is cached: a record of another second gets its own.
+    formatter = JsonFormatter()
+    stamps = []
+    for created in (1000.5, 1000.75, 1001.25, 1000.125):
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        stamps.append(json.loads(formatter.format(record))["ts"])
+    assert stamps == ["1970-01-01T00:16:40.500Z", "1970-01-01T00:16:40.750Z",
+                      "1970-01-01T00:16:41.250Z", "1970-01-01T00:16:40.125Z"]
 
 
 class _Frames:
