@@ -270,7 +270,7 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         if len(message) <= connection.flow_control_window(self._stream_id):
             connection.send_data(self._stream_id, message)
         else:
-            await self._send(data)
+            await self._send_windowed(message)
         self._close_local()
         connection.end_response(self._stream_id, Status(StatusCode.OK))
         if not await self._socket.send_now():
@@ -282,17 +282,36 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
 
         A reply that fits the open window goes out as one DATA frame written to the socket by
         this task (`_EagerSocket.send_now`), without purerpc's message buffer and without
-        waking the connection's writer task; a larger one takes purerpc's path, which splits
-        it and waits for the client to open the window."""
+        waking the connection's writer task; a larger one is split as the window allows
+        (`_send_windowed`)."""
         connection = self._grpc_connection
         message = _MESSAGE_PREFIX.pack(False, len(data)) + data
         if len(message) <= connection.flow_control_window(self._stream_id):
             connection.send_data(self._stream_id, message)
         else:
-            await self._send(data)
+            await self._send_windowed(message)
         if not await self._socket.send_now():
             await self._socket.flush()
             await trio.lowlevel.checkpoint()
+
+    async def _send_windowed(self, message: bytes) -> None:
+        """Send a framed message (prefix and body) larger than the open window: DATA frames
+        cut from it without copying, as much as the window takes, handed to the socket before
+        waiting for the client to open the window again. purerpc's `_send` copied the rest of
+        the message for every 16 KiB frame, quadratic in its size: most of the time of a
+        3.5 MB ReadAll page."""
+        connection = self._grpc_connection
+        view = memoryview(message)
+        sent = 0
+        while sent < len(view):
+            window = connection.flow_control_window(self._stream_id)
+            if window <= 0:
+                await self._socket.flush()
+                await self._wait_flow_control_update()
+                continue
+            chunk = view[sent:sent + window]
+            connection.send_data(self._stream_id, chunk)
+            sent += len(chunk)
 
 
 class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
