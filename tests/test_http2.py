@@ -519,3 +519,43 @@ async def test_work_after_the_reply_runs_once_whether_or_not_the_reply_went() ->
         assert await send_and_read(port, b"two") == b"two"
         nursery.cancel_scope.cancel()
     assert ran == [b"one", b"fail", b"wait", b"two"]
+
+
+async def test_a_reply_larger_than_the_window_arrives_whole_as_the_client_opens_it() -> None:
+    """A client that opens the window bit by bit (h2's defaults: 64 KiB windows, 16 KiB frames)
+    gets a 1 MiB unary reply in window-sized DATA frames, whole and in order."""
+    body = bytes(range(256)) * 4096
+
+    async def big(raw: bytes, request: RequestReceived) -> bytes:
+        return body
+
+    server = GrpcServer({"pkg.Service/Method": Method(unary=big)}, max_request_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, REQUEST)
+        client.send_data(1, struct.pack(">?I", False, 0), end_stream=True)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        await sock.send_all(client.data_to_send())
+        received = bytearray()
+        frames = 0
+        trailers: dict[bytes, bytes] = {}
+        with trio.fail_after(30):
+            while not trailers:
+                data = await sock.receive_some()
+                assert data, "the server closed the connection before the reply"
+                for event in client.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        assert event.flow_controlled_length <= 65_535
+                        received += event.data
+                        frames += 1
+                        client.acknowledge_received_data(event.flow_controlled_length, 1)
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers = dict(event.headers)
+                await sock.send_all(client.data_to_send())
+        await sock.aclose()
+        nursery.cancel_scope.cancel()
+    assert trailers[b"grpc-status"] == b"0"
+    assert bytes(received) == struct.pack(">?I", False, len(body)) + body
+    assert frames >= len(body) // 16_384
