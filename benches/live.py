@@ -10,6 +10,7 @@ Starts its own PostgreSQL (embedded) and the server as a separate process, then 
   (track_commit_timestamp); the figures from `created_at` (stamped just before the COPY, so
   including the write itself) are reported beside them;
 - catch-up throughput of SubscribeToAll (max_batch_size 1000) over 100k (quick) / 1M events,
+  and of paging through the same store with ReadAll (pages of 1,000, the default), each
   next to `COPY (SELECT …) TO STDOUT (FORMAT BINARY)` of the same rows read with one libpq call
   per row (the fastest Python client of PostgreSQL's own export).
 
@@ -219,6 +220,30 @@ async def catch_up(port: int, total: int) -> float:
         return count / elapsed
 
 
+async def read_all(port: int, total: int, page: int = 1_000) -> float:
+    """Events/s of one client paging through the whole store with ReadAll, one page after the
+    other (the way a projection rebuilds from the start)."""
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
+        call = channel.unary_unary(SERVICE + "ReadAll",
+                                   request_serializer=pb.ReadAllRequest.SerializeToString,
+                                   response_deserializer=pb.ReadAllResponse.FromString)
+        count = position = 0
+        t0 = time.perf_counter()
+        # Bounded: each page moves `position` forward, and there are `total` events and a few.
+        for _ in range(total // page + 100):
+            reply = await call(pb.ReadAllRequest(from_position=position, max_count=page),
+                               timeout=60)
+            count += len(reply.events)
+            if not reply.has_more:
+                break
+            position = reply.next_from_position
+        elapsed = time.perf_counter() - t0
+        assert count >= total and not reply.has_more, (count, total)
+        return count / elapsed
+
+
 def copy_out_all(url: str) -> float:
     with psycopg.connect(url, autocommit=True) as conn:
         pgconn = conn.pgconn
@@ -260,9 +285,18 @@ async def measure(url: str, port: int, quick: bool) -> dict[str, object]:
     rate, baseline = float(pair["ours"]), float(pair["baseline"])  # type: ignore[arg-type]
     print(f"SubscribeToAll catch-up      {rate:>9.0f} ev/s", flush=True)
     print(f"COPY TO STDOUT same rows     {baseline:>9.0f} ev/s", flush=True)
+    read_pair = await paired("ReadAll / COPY TO STDOUT", lambda: read_all(port, total),
+                             lambda: copy_out_all(url), 3)
+    read_rate = float(read_pair["ours"])  # type: ignore[arg-type]
+    read_baseline = float(read_pair["baseline"])  # type: ignore[arg-type]
+    print(f"ReadAll, pages of 1,000      {read_rate:>9.0f} ev/s", flush=True)
     results.update({"catch_up_events_per_s": rate, "catch_up_copy_out_events_per_s": baseline,
-                    "paired": {"catch_up_vs_copy_out": pair},
-                    "ratios": {"catch_up_vs_copy_out": pair["ratio"]}})
+                    "read_all_events_per_s": read_rate,
+                    "read_all_copy_out_events_per_s": read_baseline,
+                    "paired": {"catch_up_vs_copy_out": pair, "read_all_vs_copy_out": read_pair},
+                    # ReadAll's ratio is informational: benches/baseline.json does not gate it.
+                    "ratios": {"catch_up_vs_copy_out": pair["ratio"],
+                               "read_all_vs_copy_out": read_pair["ratio"]}})
     return results
 
 

@@ -11,8 +11,8 @@ them):
 - appends: batch sizes 1, 10, 100 × 1, 16 and 64 clients (events/s, p50/p95/p99 latency), next
   to raw binary COPY and to one-row INSERT + COMMIT into the same table;
 - reads: GetEvents over a 10k-event stream, next to COPY TO STDOUT of the same rows;
-- live: commit-to-delivery latency with 1, 16, 64 subscribers; SubscribeToAll catch-up over
-  100k (quick) / 1M (full) events, next to COPY TO STDOUT of the same rows;
+- live: commit-to-delivery latency with 1, 16, 64 subscribers; SubscribeToAll catch-up and
+  ReadAll paging over 100k (quick) / 1M (full) events, next to COPY TO STDOUT of the same rows;
 - peers (optional, `pip install -e '.[bench]'`; `--no-peers` skips them): the eventsourcing
   library's PostgreSQL recorder on the same PostgreSQL and a UmaDB server, with the same payload
   and loads (benches/peers.py); ours / theirs goes into the ratios, ungated.

@@ -104,6 +104,8 @@ def render(results: dict[str, Any], baseline: dict[str, Any] | None = None) -> s
          "COPY TO STDOUT, same rows", "copy_out_events_per_s"),
         ("SubscribeToAll catch-up", "catch_up_events_per_s",
          "COPY TO STDOUT, all rows", "catch_up_copy_out_events_per_s"),
+        ("ReadAll, pages of 1,000", "read_all_events_per_s",
+         "COPY TO STDOUT, all rows", "read_all_copy_out_events_per_s"),
     ):
         ours, base = results.get(ours_key), results.get(theirs_key)
         rows.append([what, _num(ours), theirs, _num(base),

@@ -87,10 +87,10 @@ async def test_get_events_agrees_with_its_stream_version_while_appends_go_on(
     assert checked == 150
 
 
-def prefetch_counts(text: bytes) -> dict[str, float]:
+def prefetch_counts(text: bytes, read: str = "get_events") -> dict[str, float]:
     counts: dict[str, float] = {}
     for line in text.decode().splitlines():
-        if line.startswith("eventstore_get_events_prefetch_total{"):
+        if line.startswith(f"eventstore_{read}_prefetch_total{{"):
             outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
             counts[outcome] = float(line.rsplit(" ", 1)[1])
     return counts
@@ -124,6 +124,32 @@ async def test_later_pages_are_read_ahead_and_served_only_while_the_stream_stand
     assert reply.stream_version == 29 and reply.has_more and reply.next_from_version == 26
     _, text, _ = await get_http(server.http_port, "/metrics")
     assert prefetch_counts(text) == {"hit": 3, "stale": 1}
+
+
+async def test_read_all_pages_are_read_ahead_and_the_last_one_is_read_again(
+        server: ServerInfo, api: Any) -> None:
+    """Paging through the store with ReadAll, the page after each page that has more is read
+    ahead and served as a fresh read would return it; a page read ahead that reached the end of
+    the store is read again, so events committed after it was read ahead are in it."""
+    await append(api, sid(), events(12))
+    pages: list[pb.ReadAllResponse] = []
+    after = 0
+    for _ in range(10):  # pages of 5: positions 1-5, 6-10, then the rest
+        if len(pages) == 2:
+            # Page 3 (11-12) has been read ahead since page 2 was served; two more arrive.
+            await append(api, sid(), events(2))
+        reply = await api.call("ReadAll", pb.ReadAllRequest(from_position=after, max_count=5))
+        pages.append(reply)
+        if not reply.has_more:
+            break
+        after = reply.next_from_position
+    assert [[e.position for e in page.events] for page in pages] == [
+        [1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14]]
+    # The page served from the read-ahead is the page a fresh read gives.
+    again = await api.call("ReadAll", pb.ReadAllRequest(from_position=5, max_count=5))
+    assert again == pages[1]
+    _, text, _ = await get_http(server.http_port, "/metrics")
+    assert prefetch_counts(text, "read_all") == {"hit": 1, "partial": 1}
 
 
 async def test_missing_stream_is_not_an_error(api: Any) -> None:

@@ -37,6 +37,11 @@ class Metrics:
             "GetEvents pages read ahead, by what became of them: hit (served), stale (the "
             "stream moved; read again), unused (not asked for in time), failed.",
             ["outcome"], registry=r)
+        self.read_all_prefetch = Counter(
+            "eventstore_read_all_prefetch_total",
+            "ReadAll pages read ahead, by what became of them: hit (served), partial (it reached "
+            "the end of the store; read again), unused (not asked for in time), failed.",
+            ["outcome"], registry=r)
         self.commit_seconds = Histogram(
             "eventstore_append_commit_seconds",
             "Time to commit one batch (lock to COMMIT, retries included).",

@@ -61,12 +61,22 @@ _STREAM_EVENTS_UP_TO_ITS_VERSION = (
 )
 
 
-# GetEvents read-ahead: a client paging through a stream asks for the next page as soon as it
-# has read this one, so the next page is read while this one travels. It is served only after
-# a check that the stream's version is still the one it was read at (then a fresh read would
-# return exactly the same reply); at most this many wait, each for at most this long.
+# Read-ahead: a client paging through a stream (GetEvents) or the whole store (ReadAll) asks
+# for the next page as soon as it has read this one, so the next page is read while this one
+# travels. A GetEvents page read ahead is served only after a check that the stream's version
+# is still the one it was read at, and a ReadAll page only if it was a full one (see
+# `Reader.read_all`): then a fresh read would return exactly the same reply. Of each kind, at
+# most this many wait, each for at most this long.
 PREFETCH_MAX = 16
 PREFETCH_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class PositionsPage:
+    """A serialized ReadAllResponse, and the next page's query position when it has more."""
+
+    reply: bytes
+    next_after: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +109,34 @@ class Pending(Generic[_T]):
         return self._result.unwrap()
 
 
+_K = TypeVar("_K")
+
+
+class ReadAhead(Generic[_K, _T]):
+    """Reads begun ahead of the request that will want them, by that request's query: at most
+    `PREFETCH_MAX`; one older than `PREFETCH_SECONDS` is dropped when the next one starts.
+    `count(outcome)` is told what became of each: `unused` here, the rest by the caller."""
+
+    def __init__(self, count: Callable[[str], None]) -> None:
+        self._waiting: dict[_K, tuple[float, Pending[_T]]] = {}
+        self._count = count
+
+    def take(self, key: _K) -> Pending[_T] | None:
+        entry = self._waiting.pop(key, None)
+        return None if entry is None else entry[1]
+
+    def put(self, key: _K, pending: Pending[_T]) -> None:
+        now = time.monotonic()
+        waiting = self._waiting
+        for old, (started, _) in list(waiting.items()):
+            if now - started > PREFETCH_SECONDS or len(waiting) >= PREFETCH_MAX:
+                del waiting[old]
+                self._count("unused")
+        if waiting.pop(key, None) is not None:
+            self._count("unused")
+        waiting[key] = (now, pending)
+
+
 @dataclass(frozen=True, slots=True)
 class BatchPage:
     """Selected events as a serialized EventBatch body, and where the read got to."""
@@ -116,7 +154,10 @@ class Reader:
     def __init__(self, url: str, settings: Settings, metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._prefetched: dict[StreamRange, tuple[float, Pending[EventsPage]]] = {}
+        self._prefetched: ReadAhead[StreamRange, EventsPage] = ReadAhead(
+            lambda outcome: self._count_prefetch("get_events", outcome))
+        self._read_ahead: ReadAhead[PositionRange, PositionsPage] = ReadAhead(
+            lambda outcome: self._count_prefetch("read_all", outcome))
         # Every read here is an index walk in key order. Before autovacuum has analyzed a
         # freshly loaded table the planner can choose a bitmap scan plus a sort of the whole
         # range for each page (measured: catch-up 6x slower until ANALYZE); forbidding those
@@ -227,43 +268,68 @@ class Reader:
     async def _prefetched_page(self, query: StreamRange) -> EventsPage | None:
         """The page read ahead for `query`, if there is one and the stream has not moved
         since; None otherwise."""
-        entry = self._prefetched.pop(query, None)
-        if entry is None:
+        pending = self._prefetched.take(query)
+        if pending is None:
             return None
         try:
-            page = await entry[1].result()
+            page = await pending.result()
         except Exception:
-            self._count_prefetch("failed")
+            self._count_prefetch("get_events", "failed")
             return None
         version = await self._run("reading a stream", lambda conn: self._stream_version(
             conn, query.stream_id, query.stream_type))
         if version != page.stream_version:
-            self._count_prefetch("stale")
+            self._count_prefetch("get_events", "stale")
             return None
-        self._count_prefetch("hit")
+        self._count_prefetch("get_events", "hit")
         return page
 
     def _prefetch(self, query: StreamRange) -> None:
-        now = time.monotonic()
-        waiting = self._prefetched
-        for key, (started, _) in list(waiting.items()):
-            if now - started > PREFETCH_SECONDS or len(waiting) >= PREFETCH_MAX:
-                del waiting[key]
-                self._count_prefetch("unused")
         pending = self._start("reading a stream",
                               lambda conn: self._get_events_at_once(conn, query))
         if pending is not None:
-            if waiting.pop(query, None) is not None:
-                self._count_prefetch("unused")
-            waiting[query] = (now, pending)
+            self._prefetched.put(query, pending)
 
-    def _count_prefetch(self, outcome: str) -> None:
+    def _count_prefetch(self, read: str, outcome: str) -> None:
         if self._metrics is not None:
-            self._metrics.get_events_prefetch.labels(outcome).inc()
+            counter = (self._metrics.get_events_prefetch if read == "get_events"
+                       else self._metrics.read_all_prefetch)
+            counter.labels(outcome).inc()
 
     async def read_all(self, query: PositionRange) -> bytes:
-        """The serialized ReadAllResponse for `query`."""
-        return await self._run("reading all events", lambda conn: self._read_all(conn, query))
+        """The serialized ReadAllResponse for `query`.
+
+        A page that has more starts reading the page after it. Events never change once
+        committed, and a page that has more ends below the head position, so a page read
+        ahead that has more is exactly what a fresh read would return and is served; one that
+        reached the end of the store (`partial`) is read again, so that a client sees every
+        event committed before it asked."""
+        page = await self._read_ahead_page(query)
+        if page is None:
+            page = await self._run("reading all events",
+                                   lambda conn: self._read_all(conn, query))
+        if page.next_after is not None:
+            following = replace(query, after=page.next_after)
+            pending = self._start("reading all events",
+                                  lambda conn: self._read_all(conn, following))
+            if pending is not None:
+                self._read_ahead.put(following, pending)
+        return page.reply
+
+    async def _read_ahead_page(self, query: PositionRange) -> PositionsPage | None:
+        pending = self._read_ahead.take(query)
+        if pending is None:
+            return None
+        try:
+            page = await pending.result()
+        except Exception:
+            self._count_prefetch("read_all", "failed")
+            return None
+        if page.next_after is None:
+            self._count_prefetch("read_all", "partial")
+            return None
+        self._count_prefetch("read_all", "hit")
+        return page
 
     async def table_sizes(self) -> tuple[int, int, int]:
         """(events, streams, snapshots): the head position (exact, as positions are dense) and
@@ -513,7 +579,7 @@ class Reader:
         return EventsPage(events + reply.SerializeToString(), reply.stream_version,
                           first if reply.has_more else None)
 
-    def _read_all(self, conn: Conn, q: PositionRange) -> bytes:
+    def _read_all(self, conn: Conn, q: PositionRange) -> PositionsPage:
         reply = pb.ReadAllResponse()
         max_bytes = self._settings.read_reply_max_bytes
         with conn.cursor() as cur:
@@ -549,7 +615,8 @@ class Reader:
                 else:
                     reply.next_from_position = max(upper, q.after)
                     reply.has_more = upper < head
-        return events + reply.SerializeToString()
+        return PositionsPage(events + reply.SerializeToString(),
+                             reply.next_from_position if reply.has_more else None)
 
 
 def _add_filter(event_filter: EventFilter, where: list[sql.Composable],
