@@ -437,3 +437,24 @@ async def test_queued_request_events_are_read_without_a_yield() -> None:
             assert got == []
             stream.deliver(later)
     assert got == [later]
+
+
+def test_bound_literals_refuse_what_they_cannot_write() -> None:
+    """The writer's client-side binding (in the Rust extension) writes each kind of value it
+    takes and refuses the rest with a Python error, never with text that means something else."""
+    from datetime import UTC, datetime
+
+    from eventstore.db.literals import bind
+
+    assert bind("SELECT %s, %s, %s::int8[], %s, %s::text[], %s, 100%%",
+                (None, -5, (1, -2), "it's \\", [], datetime(2026, 1, 1, tzinfo=UTC))) == (
+        "SELECT NULL, (-5), ARRAY[1,(-2)]::int8[], E'it''s \\\\', '{}'::text[],"
+        " E'2026-01-01T00:00:00+00:00'::timestamptz, 100%")
+    for value, error in ((True, TypeError), (b"x", TypeError), (1.5, TypeError),
+                         ("a\x00b", ValueError), (datetime(2026, 1, 1), ValueError),
+                         (2**63, OverflowError), ([["ok"], [False]], TypeError)):
+        with pytest.raises(error):
+            bind("SELECT %s", (value,))
+    for query, params in (("SELECT %s, %s", (1,)), ("SELECT %s", (1, 2)), ("SELECT %d", (1,))):
+        with pytest.raises(ValueError, match="query"):
+            bind(query, params)

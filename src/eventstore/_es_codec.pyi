@@ -137,6 +137,13 @@ def encode_copy(
     below 1, or int64 overflow.
     """
 
+def bind_sql(query: str, params: Sequence[object]) -> str:
+    """``query`` with each ``%s`` replaced by the SQL literal of the next of ``params``
+    (``%%`` is ``%``): an int within int8, a str without NUL (``E'…'``), an aware datetime
+    (``'…'::timestamptz``), None, or a list or tuple of those (``ARRAY[…]``, ``'{}'`` when
+    empty). Raises ValueError for a query or value that cannot be bound, TypeError for a
+    value of another type, OverflowError for an int outside int8."""
+
 def insert_sql(
     requests: Sequence[AppendRequest],
     first_versions: Sequence[int],

@@ -76,15 +76,7 @@ pub fn insert_sql(
 
 /// `E'…'` holding `text`.
 fn put_text(sql: &mut String, text: &str) {
-    sql.push_str("E'");
-    for c in text.chars() {
-        match c {
-            '\'' => sql.push_str("''"),
-            '\\' => sql.push_str("\\\\"),
-            c => sql.push(c),
-        }
-    }
-    sql.push('\'');
+    crate::literals::put_escaped(sql, text);
 }
 
 /// JSON text (validated UTF-8) as `E'…'`.

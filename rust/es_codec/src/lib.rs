@@ -11,6 +11,7 @@
 //! * [`versions`]: the optimistic-concurrency check of a batch of appends;
 //! * [`copy_in`]: the binary COPY payload that inserts a batch of events;
 //! * [`insert_sql`]: the same as one `INSERT … VALUES` (a small batch, in one round trip);
+//! * [`literals`]: the writer's other parameters, bound client-side as SQL literals;
 //! * [`copy_out`]: binary COPY output of the events query to serialized `Event`s;
 //! * [`hpack`], [`http2`]: the inbound half of the gRPC server's HTTP/2 connection.
 
@@ -37,6 +38,7 @@ pub mod hpack;
 pub mod http2;
 pub mod insert_sql;
 pub mod json;
+pub mod literals;
 pub mod out;
 pub mod proto;
 mod py;

@@ -11,14 +11,16 @@
 //! enough for that to pay off, so other Python threads (the event loop) keep running.
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyIndexError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyException, PyIndexError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyBool, PyBytes, PyInt, PyList, PyString, PyTuple, PyType};
 
 use crate::copy_in;
 use crate::copy_out;
 use crate::http2;
 use crate::json;
+use crate::literals;
 use crate::request::{quote, AppendRequest, ErrorKind, EventView, Limits, RequestError};
 use crate::uuids;
 use crate::versions;
@@ -271,6 +273,63 @@ fn insert_sql(
         .map_err(value_error)
 }
 
+/// `query` with each `%s` replaced by the SQL literal of the next of `params` (`%%` is `%`):
+/// an int (within int8), a str (no NUL), an aware datetime, None, or a list or tuple of those.
+#[pyfunction]
+#[allow(clippy::needless_pass_by_value)] // PyO3 can only extract a sequence into an owned Vec.
+fn bind_sql(py: Python<'_>, query: &str, params: Vec<Bound<'_, PyAny>>) -> PyResult<String> {
+    let pieces = literals::pieces(query).map_err(value_error)?;
+    literals::check_count(&pieces, params.len()).map_err(value_error)?;
+    let datetime = DATETIME
+        .get_or_try_init(py, || -> PyResult<Py<PyType>> {
+            Ok(py.import("datetime")?.getattr("datetime")?.downcast_into::<PyType>()?.unbind())
+        })?
+        .bind(py);
+    let mut sql = String::with_capacity(query.len() + 32 * params.len());
+    sql.push_str(&pieces[0]);
+    for (param, piece) in params.iter().zip(&pieces[1..]) {
+        put_param(&mut sql, param, datetime)?;
+        sql.push_str(piece);
+    }
+    Ok(sql)
+}
+
+static DATETIME: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+
+fn put_param(sql: &mut String, value: &Bound<'_, PyAny>, datetime: &Bound<'_, PyType>,
+) -> PyResult<()> {
+    if value.is_none() {
+        literals::put_null(sql);
+    } else if value.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err("no booleans here"));
+    } else if let Ok(int) = value.downcast::<PyInt>() {
+        literals::put_int(sql, int.extract()?);
+    } else if let Ok(text) = value.downcast::<PyString>() {
+        literals::put_text(sql, text.to_str()?).map_err(value_error)?;
+    } else if value.is_instance(datetime)? {
+        if value.getattr("tzinfo")?.is_none() {
+            return Err(PyValueError::new_err("a timestamptz needs an aware datetime"));
+        }
+        let iso = value.call_method0("isoformat")?;
+        literals::put_timestamp(sql, iso.downcast::<PyString>()?.to_str()?)
+            .map_err(value_error)?;
+    } else if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
+        if literals::open_array(sql, value.len()?) {
+            for (i, item) in value.try_iter()?.enumerate() {
+                literals::put_separator(sql, i);
+                put_param(sql, &item?, datetime)?;
+            }
+            literals::close_array(sql);
+        }
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "cannot bind a {} as an SQL literal",
+            value.get_type().name()?
+        )));
+    }
+    Ok(())
+}
+
 /// A page of events from binary COPY output, as repeated field-1 `Event`s.
 #[pyfunction]
 fn encode_events<'py>(
@@ -431,6 +490,7 @@ fn es_codec_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_versions, m)?)?;
     m.add_function(wrap_pyfunction!(encode_copy, m)?)?;
     m.add_function(wrap_pyfunction!(insert_sql, m)?)?;
+    m.add_function(wrap_pyfunction!(bind_sql, m)?)?;
     m.add_function(wrap_pyfunction!(encode_events, m)?)?;
     m.add_function(wrap_pyfunction!(encode_event_list, m)?)?;
     Ok(())
