@@ -380,6 +380,7 @@ def test_compressed_messages_are_bounded_and_refused_with_a_status(
     client.send_data(1, _compressed(body), end_stream=True)
     events = server.receive_data(client.data_to_send())
     assert [type(e) for e in events] == [RequestReceived, RequestEnded, WindowUpdated]
+    assert events[1].refused == StatusCode(int(status))  # what the handler is told
     trailers = _trailers(client.receive_data(server.data_to_send()))
     assert trailers[b"grpc-status"] == status and words in trailers[b"grpc-message"]
     assert not server._streams
@@ -559,3 +560,44 @@ async def test_a_reply_larger_than_the_window_arrives_whole_as_the_client_opens_
     assert trailers[b"grpc-status"] == b"0"
     assert bytes(received) == struct.pack(">?I", False, len(body)) + body
     assert frames >= len(body) // 16_384
+
+
+async def test_a_call_the_connection_refuses_is_counted_with_the_status_it_got() -> None:
+    """Over a real socket: a message the connection cannot read is answered by the connection
+    (here UNIMPLEMENTED, an unknown compression); the handler is not run, and the call's
+    metrics carry that status, not one of the handler's."""
+    seen: list[tuple[str, str]] = []
+    observed = trio.Event()
+
+    def observe(method: str, code: str, seconds: float) -> None:
+        seen.append((method, code))
+        observed.set()
+
+    async def handler(raw: bytes, request: RequestReceived) -> bytes:
+        raise AssertionError("the handler ran for a refused call")
+
+    server = GrpcServer({"pkg.Service/Method": Method(unary=handler)}, max_request_bytes=1 << 20,
+                        observe=observe)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, [*REQUEST, ("grpc-encoding", "br")])
+        client.send_data(1, _compressed(b"whatever"), end_stream=True)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        await sock.send_all(client.data_to_send())
+        trailers: dict[bytes, bytes] = {}  # a trailers-only response: headers that end it
+        ended = False
+        with trio.fail_after(10):
+            while not ended:
+                data = await sock.receive_some()
+                assert data, "the server closed the connection before answering"
+                for event in client.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        trailers.update(event.headers)
+                    ended = ended or isinstance(event, h2.events.StreamEnded)
+            await observed.wait()
+        await sock.aclose()
+        nursery.cancel_scope.cancel()
+    assert trailers[b"grpc-status"] == b"12"
+    assert seen == [("Method", "UNIMPLEMENTED")]

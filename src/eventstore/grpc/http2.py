@@ -469,20 +469,25 @@ class ServerConnection:
         if not stream.remote_open:
             del self._streams[stream_id]
 
-    def _drop(self, stream_id: int, stream: _Stream, events: list[Any]) -> None:
+    def _drop(self, stream_id: int, stream: _Stream, events: list[Any],
+              refused: StatusCode | None = None) -> None:
         """Forget a stream that was reset (by either side): its handler gets the end of the
-        request if it waits for it, a sender waiting for the window wakes and finds the
+        request if it waits for it (carrying `refused`, the status the connection answered
+        the call with, if it did), a sender waiting for the window wakes and finds the
         stream gone, and what it received but never delivered is credited back to the
         connection."""
         del self._streams[stream_id]
         self._credit(stream)
         if stream.remote_open:
-            events.append(RequestEnded(stream_id))
+            ended = RequestEnded(stream_id)
+            ended.refused = refused
+            events.append(ended)
         events.append(WindowUpdated(stream_id, 0))
 
-    def _reset(self, stream_id: int, stream: _Stream, code: int, events: list[Any]) -> None:
+    def _reset(self, stream_id: int, stream: _Stream, code: int, events: list[Any],
+               refused: StatusCode | None = None) -> None:
         self._frame(RST_STREAM, 0, stream_id, _U32.pack(code))
-        self._drop(stream_id, stream, events)
+        self._drop(stream_id, stream, events, refused)
 
     def _refuse(self, stream_id: int, stream: _Stream, code: StatusCode, message: str,
                 events: list[Any]) -> None:
@@ -495,7 +500,7 @@ class ServerConnection:
                 block = _encode([(":status", "200"), *self._response_headers("+proto"),
                                  *status])
             self._frame(HEADERS, END_HEADERS | END_STREAM, stream_id, self._block(block))
-        self._reset(stream_id, stream, NO_ERROR, events)
+        self._reset(stream_id, stream, NO_ERROR, events, code)
 
     def _credit(self, stream: _Stream) -> None:
         if stream.undelivered:

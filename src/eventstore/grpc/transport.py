@@ -497,6 +497,12 @@ class GrpcServer:
                     raise
             raw = await stream.receive_message()
             if raw is None:
+                refused = getattr(stream._end_stream_event, "refused", None)
+                if refused is not None:
+                    # The connection has answered the call itself (a message it could not
+                    # read: too large, or compressed in a way it cannot undo).
+                    code = refused.name
+                    return
                 raise _BadRequest("the request has no message")
             if await stream.receive_message() is not None:
                 raise _BadRequest("expected exactly one request message")
