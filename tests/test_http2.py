@@ -26,6 +26,7 @@ from eventstore.grpc.http2 import (
     OUR_MAX_HEADER_LIST_SIZE,
     Http2ConnectionError,
     ServerConnection,
+    StreamReset,
 )
 from eventstore.grpc.transport import GrpcServer, Method, after_reply
 
@@ -189,7 +190,8 @@ def test_a_reset_stream_ends_its_request_and_refuses_sends() -> None:
     server.start_response(1)
     client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
     events = server.receive_data(client.data_to_send())
-    assert [(type(e), e.stream_id) for e in events] == [(RequestEnded, 1), (WindowUpdated, 1)]
+    assert [(type(e), e.stream_id) for e in events] == [
+        (RequestEnded, 1), (WindowUpdated, 1), (StreamReset, 1)]
     for send in (lambda: server.send_data(1, b"x"), lambda: server.flow_control_window(1),
                  lambda: server.end_response(1, Status(StatusCode.OK))):
         with pytest.raises(StreamClosedError):
@@ -601,3 +603,66 @@ async def test_a_call_the_connection_refuses_is_counted_with_the_status_it_got()
         nursery.cancel_scope.cancel()
     assert trailers[b"grpc-status"] == b"12"
     assert seen == [("Method", "UNIMPLEMENTED")]
+
+
+async def test_calls_reset_while_their_handlers_run_are_bounded_per_connection() -> None:
+    """Rapid reset: a reset frees its stream at once, so a client resetting calls in a loop
+    would have the server run any number at once. With `max_reset_running` handlers still
+    running for reset calls, the connection refuses new calls (REFUSED_STREAM, nothing run)
+    until one finishes; then it serves them again."""
+    release = trio.Event()
+    started: list[bytes] = []
+    both_started = trio.Event()
+
+    async def handler(raw: bytes, request: RequestReceived) -> bytes:
+        started.append(raw)
+        if len(started) == 2:
+            both_started.set()
+        await release.wait()  # e.g. an append waiting for its commit: a reset does not stop it
+        return raw
+
+    server = GrpcServer({"pkg.Service/Method": Method(unary=handler)}, max_request_bytes=1 << 20,
+                        max_reset_running=2)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+
+    def call(stream_id: int, body: bytes) -> None:
+        client.send_headers(stream_id, REQUEST)
+        client.send_data(stream_id, struct.pack(">?I", False, len(body)) + body,
+                         end_stream=True)
+
+    async def events_until(sock: trio.SocketStream, done: type) -> list[h2.events.Event]:
+        seen: list[h2.events.Event] = []
+        while not any(isinstance(e, done) for e in seen):
+            data = await sock.receive_some()
+            assert data, "the server closed the connection"
+            seen += client.receive_data(data)
+            await sock.send_all(client.data_to_send())
+        return seen
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(10):
+            for stream_id, body in ((1, b"a"), (3, b"b")):
+                call(stream_id, body)
+            await sock.send_all(client.data_to_send())
+            await both_started.wait()
+            client.reset_stream(1)
+            client.reset_stream(3)
+            call(5, b"c")  # two handlers still run for reset calls: refused
+            await sock.send_all(client.data_to_send())
+            seen = await events_until(sock, h2.events.StreamReset)
+            reset = [e for e in seen if isinstance(e, h2.events.StreamReset)]
+            assert [(e.stream_id, e.error_code) for e in reset] == [
+                (5, h2.errors.ErrorCodes.REFUSED_STREAM)]
+            assert sorted(started) == [b"a", b"b"]
+            release.set()  # the reset calls' handlers finish
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            call(7, b"d")
+            await sock.send_all(client.data_to_send())
+            seen = await events_until(sock, h2.events.StreamEnded)
+            assert [e.stream_id for e in seen if isinstance(e, h2.events.StreamEnded)] == [7]
+            assert sorted(started) == [b"a", b"b", b"d"]
+        await sock.aclose()
+        nursery.cancel_scope.cancel()

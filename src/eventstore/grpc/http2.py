@@ -77,6 +77,18 @@ OUR_HEADER_TABLE_SIZE = 4_096  # the default: the client's encoder may use it
 # The connection's receive window is opened this far at once, and topped up when half is used.
 CONNECTION_WINDOW = 2**30
 
+
+
+class StreamReset:
+    """An event: the client reset a stream that was still open (RST_STREAM). Its handler may
+    still be running; the transport counts such handlers (see `eventstore.grpc.transport`)."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
 _FRAME_HEADER = struct.Struct(">IBI")  # 24-bit length and 8-bit type as one int, flags, stream
 _SETTING = struct.Struct(">HI")
 _U32 = struct.Struct(">I")
@@ -448,6 +460,14 @@ class ServerConnection:
         stream = self._streams.get(stream_id)
         if stream is not None:
             self._drop(stream_id, stream, events)
+            events.append(StreamReset(stream_id))
+
+    def refuse_stream(self, stream_id: int) -> None:
+        """Reset a new stream with REFUSED_STREAM before anything is done for it (RFC 9113
+        §8.7: the client may retry it). Its further frames are discarded as a reset stream's."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._reset(stream_id, stream, REFUSED_STREAM, [])
 
     # ---------------------------------------------------------------------- helpers
 

@@ -40,7 +40,7 @@ from purerpc.grpclib.status import Status, StatusCode
 from eventstore.auth.principals import ANONYMOUS, Principal
 from eventstore.auth.tls import QuietTLSListener
 from eventstore.errors import EventStoreError, LimitExceeded
-from eventstore.grpc.http2 import Http2ConnectionError, ServerConnection
+from eventstore.grpc.http2 import Http2ConnectionError, ServerConnection, StreamReset
 from eventstore.grpc.status import internal_error, to_status
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,11 @@ _RECEIVE_BUFFER = 1024 * 1024
 _MAX_UNSENT = 1024 * 1024
 # How long the GOAWAY of a protocol error may take to leave before the connection closes.
 _GOAWAY_SECONDS = 5.0
+# How many handlers may still run on one connection for calls its client has reset, before
+# new calls on it are refused (RST_STREAM REFUSED_STREAM, which a client may retry). A reset
+# frees its stream at once, so without this bound a client sending HEADERS and RST_STREAM in
+# a loop ("rapid reset", CVE-2023-44487) has the server run any number of calls at once.
+MAX_RESET_RUNNING = 1_024
 
 # A gRPC message's prefix: compressed flag, then length.
 _MESSAGE_PREFIX = struct.Struct(">?I")
@@ -183,6 +188,7 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         self._grpc_socket = grpc_socket
         self._socket = socket
         self._window_waiter: trio.Event | None = None
+        self.reset_by_client = False
         self._incoming: deque[Any] = deque()
         self._arrival: trio.Event | None = None
         self._response_started = False
@@ -319,13 +325,17 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
 
     StreamClass = _EagerStream
 
-    def __init__(self, config: GRPCConfiguration, stream: Any) -> None:
+    def __init__(self, config: GRPCConfiguration, stream: Any,
+                 max_reset_running: int = MAX_RESET_RUNNING) -> None:
         # Not purerpc's __init__: it would build an h2 connection only to drop it.
         contextlib.AsyncExitStack.__init__(self)
         self._grpc_connection = ServerConnection(config)
         self._socket = _EagerSocket(self._grpc_connection, stream)
         self._receive_buffer_size = _RECEIVE_BUFFER
         self._streams: dict[int, _EagerStream] = {}
+        # Handlers still running for calls the client has reset (see MAX_RESET_RUNNING).
+        self._reset_running = 0
+        self._max_reset_running = max_reset_running
 
     async def _listen(self) -> AsyncIterator[_EagerStream]:
         """purerpc's, handing each event to its stream without a yield to Trio (the streams'
@@ -354,6 +364,7 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     await self._socket.drain()
                 else:
                     await self._socket.flush()
+            refused = False
             for event in events:
                 if isinstance(event, WindowUpdated):
                     if event.stream_id == 0:
@@ -362,7 +373,17 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     elif event.stream_id in streams:
                         streams[event.stream_id].window_opened()
                     continue
+                if isinstance(event, StreamReset):
+                    reset = streams.get(event.stream_id)
+                    if reset is not None and not reset.reset_by_client:
+                        reset.reset_by_client = True
+                        self._reset_running += 1
+                    continue
                 if isinstance(event, RequestReceived):
+                    if self._reset_running >= self._max_reset_running:
+                        connection.refuse_stream(event.stream_id)
+                        refused = True
+                        continue
                     stream = self._allocate_stream(event.stream_id)
                     stream.deliver(event)
                     yield stream
@@ -374,12 +395,15 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                 known.deliver(event)
                 if isinstance(event, RequestEnded):
                     known._close_remote()
+            if refused:
+                await self._socket.flush()
 
     def forget(self, stream: _EagerStream) -> None:
         """A finished handler's stream: purerpc keeps it until both sides have closed, which
         a stream reset by the client never does. Messages it never read (a call answered
         before its request was read) free their share of the connection's window."""
-        self._streams.pop(stream._stream_id, None)
+        if self._streams.pop(stream._stream_id, None) is not None and stream.reset_by_client:
+            self._reset_running -= 1
         for event in stream.unread():
             self._discard(event)
 
@@ -406,8 +430,10 @@ class GrpcServer:
     def __init__(self, methods: dict[str, Method], *, max_request_bytes: int,
                  observe: Callable[[str, str, float], None] | None = None,
                  authenticate: Authenticate | None = None,
-                 refused: Callable[[str, str, str], None] | None = None) -> None:
+                 refused: Callable[[str, str, str], None] | None = None,
+                 max_reset_running: int = MAX_RESET_RUNNING) -> None:
         self._methods = methods
+        self._max_reset_running = max_reset_running
         self._authenticate = authenticate
         # Told (method, peer, reason) of every call refused as unauthenticated (the audit log).
         self._refused = refused
@@ -436,7 +462,8 @@ class GrpcServer:
         peer = _peer_of(byte_stream)
         certificate = byte_stream.extra(TLSAttribute.peer_certificate, None)
         try:
-            async with _Socket(self._config, byte_stream) as grpc_socket:
+            async with _Socket(self._config, byte_stream,
+                               self._max_reset_running) as grpc_socket:
                 async with trio.open_nursery() as nursery:
                     async for stream in grpc_socket.listen():
                         nursery.start_soon(self._request, grpc_socket, stream, peer,
