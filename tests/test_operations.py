@@ -3,6 +3,7 @@ readiness through a database outage."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -142,6 +143,67 @@ async def test_database_outage_is_reported_and_recovers_by_itself(
         result = await client.append_events(str(uuid.uuid4()), "Deck",
                                             [NewEvent("Added", {})])
         assert result.next_expected_version == 1
+
+
+async def test_an_append_whose_client_leaves_mid_commit_is_stored_and_audited(
+        server: ServerInfo, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The client's connection ends while its append waits for the commit (here: behind the
+    append lock, held by another session). The append is still committed, and its audit line
+    is written: a stored write is never missing from the audit log."""
+    import struct
+
+    import h2.config
+    import h2.connection
+
+    from eventstore.store.writer import APPEND_LOCK_KEY
+    from eventstore.v1 import eventstore_pb2 as pb
+    from tests.helpers import events
+
+    caplog.set_level("INFO", logger="eventstore.audit")
+    audited = trio.Event()
+
+    class Audited(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            audited.set()  # the server runs in this test's event loop: same thread
+
+    logging.getLogger("eventstore.audit").addHandler(handler := Audited())
+    stream = str(uuid.uuid4())
+    body = pb.AppendEventsRequest(stream_id=stream, stream_type="Deck",
+                                  events=events(2)).SerializeToString()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"),
+                            (":path", "/eventstore.v1.EventStoreService/AppendEvents"),
+                            (":authority", "127.0.0.1"), ("content-type", "application/grpc"),
+                            ("te", "trailers")])
+    client.send_data(1, struct.pack(">?I", False, len(body)) + body, end_stream=True)
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
+        sock = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await sock.send_all(client.data_to_send())
+        with psycopg.connect(database_url, autocommit=True) as watcher:
+            for _ in range(500):  # until the writer's commit waits for the lock
+                row = watcher.execute("SELECT count(*) FROM pg_locks WHERE locktype ="
+                                      " 'advisory' AND NOT granted").fetchone()
+                if row and row[0]:
+                    break
+                await trio.sleep(0.02)
+            else:
+                raise AssertionError("the append never reached the lock")
+        await sock.aclose()  # the client goes; the server cancels what waits for it
+        await trio.sleep(0.3)
+        holder.rollback()  # the lock goes
+    try:
+        with trio.fail_after(10):
+            await audited.wait()
+    finally:
+        logging.getLogger("eventstore.audit").removeHandler(handler)
+    (record,) = [r for r in caplog.records if r.name == "eventstore.audit"]
+    assert (record.operation, record.outcome, record.stream_id, record.event_count) == (
+        "append", "ok", stream, 2)
+    async with EventStoreClient.connect("127.0.0.1", server.port) as reader:
+        stored = [event async for event in reader.get_events(stream, "Deck")]
+    assert len(stored) == 2
 
 
 async def test_every_write_is_audited(server: ServerInfo,

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
+import trio
 from google.protobuf.message import DecodeError, Message
 from purerpc.grpclib.events import RequestReceived
 
@@ -95,7 +96,12 @@ class EventStoreService:
         try:
             parsed = parse_append(raw, self._settings, principal.caller_json)
             principal.check_write(parsed.stream_type)
-            reply = await self._writer.append(parsed)
+            # Once queued, the append is committed whatever becomes of this call: its outcome
+            # is awaited even when the call is cancelled (its connection ended), so that a
+            # stored write always gets its audit line. The writer answers every queued
+            # request, at the latest after `writer_retry_seconds` or when it stops.
+            with trio.CancelScope(shield=True):
+                reply = await self._writer.append(parsed)
         except EventStoreError as error:
             audit.record("append", **audit.caller_of(request),
                          outcome=type(error).__name__, seconds=time.perf_counter() - started,
@@ -166,7 +172,9 @@ class EventStoreService:
                 raise InvalidArgument(f"version: must be at least 1, got {msg.version}")
             check_snapshot_data(msg.data, self._settings.max_snapshot_bytes)
             caller(request).check_write(stream_type)
-            saved = await self._snapshots.save(stream_id, stream_type, msg.version, msg.data)
+            with trio.CancelScope(shield=True):  # as for appends: a stored write is audited
+                saved = await self._snapshots.save(stream_id, stream_type, msg.version,
+                                                   msg.data)
         except EventStoreError as error:
             audit.record("snapshot_save", **audit.caller_of(request),
                          outcome=type(error).__name__, seconds=time.perf_counter() - started,
