@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import AsyncIterator
 
 import h2.config
 import h2.connection
@@ -664,5 +665,54 @@ async def test_calls_reset_while_their_handlers_run_are_bounded_per_connection()
             seen = await events_until(sock, h2.events.StreamEnded)
             assert [e.stream_id for e in seen if isinstance(e, h2.events.StreamEnded)] == [7]
             assert sorted(started) == [b"a", b"b", b"d"]
+        await sock.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_streaming_call_ends_when_its_client_resets_it() -> None:
+    """A subscription waiting for its next item ends at once when its client resets it (not
+    at its next send), so it stops counting against the connection's reset calls at once."""
+    seen: list[tuple[str, str]] = []
+    observed = trio.Event()
+
+    def observe(method: str, code: str, seconds: float) -> None:
+        seen.append((method, code))
+        observed.set()
+
+    async def forever(raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
+        await trio.sleep_forever()
+        yield raw  # never reached
+
+    async def echo(raw: bytes, request: RequestReceived) -> bytes:
+        return raw
+
+    server = GrpcServer({"pkg.Service/Method": Method(stream=forever),
+                         "pkg.Service/Echo": Method(unary=echo)},
+                        max_request_bytes=1 << 20, observe=observe, max_reset_running=1)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(10):
+            client.send_headers(1, REQUEST)
+            client.send_data(1, struct.pack(">?I", False, 1) + b"s", end_stream=True)
+            await sock.send_all(client.data_to_send())
+            while not any(isinstance(e, h2.events.ResponseReceived)  # its headers: it runs
+                          for e in client.receive_data(await sock.receive_some())):
+                pass
+            client.reset_stream(1)
+            await sock.send_all(client.data_to_send())
+            await observed.wait()
+            assert seen == [("Method", "CANCELLED")]
+            # Nothing runs for a reset call any more: a new call is served, not refused.
+            echo_request = [(n, "/pkg.Service/Echo" if n == ":path" else v) for n, v in REQUEST]
+            client.send_headers(3, echo_request)
+            client.send_data(3, struct.pack(">?I", False, 1) + b"e", end_stream=True)
+            await sock.send_all(client.data_to_send())
+            ended: list[h2.events.Event] = []
+            while not any(isinstance(e, h2.events.StreamEnded) for e in ended):
+                ended += client.receive_data(await sock.receive_some())
+            assert not any(isinstance(e, h2.events.StreamReset) for e in ended)
         await sock.aclose()
         nursery.cancel_scope.cancel()

@@ -189,6 +189,8 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         self._socket = socket
         self._window_waiter: trio.Event | None = None
         self.reset_by_client = False
+        # A streaming handler's scope, cancelled when the client resets the call.
+        self.cancel_on_reset: trio.CancelScope | None = None
         self._incoming: deque[Any] = deque()
         self._arrival: trio.Event | None = None
         self._response_started = False
@@ -378,6 +380,8 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     if reset is not None and not reset.reset_by_client:
                         reset.reset_by_client = True
                         self._reset_running += 1
+                        if reset.cancel_on_reset is not None:
+                            reset.cancel_on_reset.cancel()
                     continue
                 if isinstance(event, RequestReceived):
                     if self._reset_running >= self._max_reset_running:
@@ -500,7 +504,18 @@ class GrpcServer:
                     "is not implemented",
                 ))
                 return
-            await self._dispatch(stream, event, method, certificate)
+            if method.stream is None:
+                # A unary call the client resets runs to its end: an append is committed all
+                # the same, and its audit line written.
+                await self._dispatch(stream, event, method, certificate)
+                return
+            # A streaming call (a subscription) ends as soon as its client resets it, not at
+            # its next send, which may be a checkpoint interval away.
+            with trio.CancelScope() as scope:
+                stream.cancel_on_reset = scope
+                if stream.reset_by_client:
+                    scope.cancel()
+                await self._dispatch(stream, event, method, certificate)
         except Exception as exc:
             log.debug("gRPC stream ended: %s", type(exc).__name__)
         finally:
