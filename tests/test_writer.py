@@ -194,3 +194,31 @@ async def test_a_connection_lost_between_commits_is_recovered_by_the_worker(
     assert (reply.first_position, a.guesses("hit")) == (5, 2)
     assert [(p, v) for p, _, v in stored(database_url)] == [(i, i) for i in range(1, 6)]
 
+
+
+async def test_a_bug_in_a_commit_still_answers_its_requests(database_url: str) -> None:
+    """Handlers wait for their append's outcome whatever becomes of their call (so that a
+    stored write is always audited): a commit that fails with an unexpected exception must
+    still answer each of its requests, UNAVAILABLE, rather than leave them waiting."""
+    from eventstore.errors import Unavailable
+
+    writer = AppendWriter(database_url, make_settings(database_url))
+
+    async def broken(batch: object) -> list[object]:
+        raise RuntimeError("a bug")
+
+    writer._commit_batch = broken  # type: ignore[method-assign,assignment]
+    raw = append_request(sid(), events(1), None).SerializeToString()
+    failures: list[Exception] = []
+
+    async def run_writer(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await writer.run(task_status=task_status)
+        except RuntimeError as exc:  # the writer task itself fails loudly
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_writer)
+        with trio.fail_after(10), pytest.raises(Unavailable, match="may be stored"):
+            await writer.append(AppendRequest.parse(raw, 10_000, 1 << 20))
+    assert [str(exc) for exc in failures] == ["a bug"]

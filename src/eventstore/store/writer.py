@@ -310,8 +310,16 @@ class AppendWriter:
                 )
                 started = time.perf_counter()
                 self._busy = True
-                with trio.CancelScope(shield=True):
-                    outcomes = await self._commit_batch(batch)
+                try:
+                    with trio.CancelScope(shield=True):
+                        outcomes = await self._commit_batch(batch)
+                except BaseException:
+                    # A bug, not an outage (those are answered by `_commit`): every request
+                    # still gets an answer, as its handler waits for one whatever happens.
+                    self._resolve(batch, [Unavailable(
+                        "the append failed inside the server; it may be stored: retry with the "
+                        "same event ids to learn its outcome")] * len(batch))
+                    raise
                 self._busy = False
                 self._resolve(batch, outcomes)
                 self._batch_done.set()
