@@ -52,7 +52,6 @@ UnaryHandler = Callable[[bytes, RequestReceived], Awaitable[bytes]]
 StreamHandler = Callable[[bytes, RequestReceived], AsyncIterator[bytes]]
 
 
-
 def after_reply(request: RequestReceived, action: Callable[[], None]) -> None:
     """Run `action` once the call's reply has been handed to the socket, or the call has
     ended without one (the client went away, the server stops): work the client need not wait
