@@ -112,11 +112,15 @@ def test_error_trailers_and_trailers_only_responses() -> None:
                           (b"grpc-status", b"5"), (b"grpc-message", b"no%20such%20stream")]
     ended = {e.stream_id for e in seen if isinstance(e, h2.events.StreamEnded)}
     assert ended == {1, 3}
-    # Stream 1's request side is still open: its DATA is still taken, and then it is gone.
-    client.send_data(1, _message(b"late"), end_stream=True)
-    assert [type(e) for e in server.receive_data(client.data_to_send())] == [
-        MessageReceived, RequestEnded]
+    # Stream 1's request side was still open: the client is asked to stop sending it (RFC 9113
+    # §8.1), and the stream is forgotten; DATA already on its way is ignored but still frees
+    # its share of the connection's window.
+    assert [(e.stream_id, e.error_code) for e in seen if isinstance(e, h2.events.StreamReset)
+            ] == [(1, h2.errors.ErrorCodes.NO_ERROR)]
     assert not server._streams
+    late = _message(b"late")
+    assert server.receive_data(_raw_frame(0x0, 0x1, 1, late)) == []
+    assert server._received == len(late)
 
 
 def test_large_trailers_are_split_into_continuation_frames() -> None:

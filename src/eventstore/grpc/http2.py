@@ -462,13 +462,6 @@ class ServerConnection:
             self._drop(stream_id, stream, events)
             events.append(StreamReset(stream_id))
 
-    def refuse_stream(self, stream_id: int) -> None:
-        """Reset a new stream with REFUSED_STREAM before anything is done for it (RFC 9113
-        §8.7: the client may retry it). Its further frames are discarded as a reset stream's."""
-        stream = self._streams.get(stream_id)
-        if stream is not None:
-            self._reset(stream_id, stream, REFUSED_STREAM, [])
-
     # ---------------------------------------------------------------------- helpers
 
     def _open_stream(self, stream_id: int) -> _Stream:
@@ -486,7 +479,13 @@ class ServerConnection:
 
     def _close_local(self, stream_id: int, stream: _Stream) -> None:
         stream.local_open = False
-        if not stream.remote_open:
+        if stream.remote_open:
+            # The response is complete and the request is not (a call answered before its
+            # request was read): ask the client to stop sending it (RFC 9113 §8.1), and
+            # forget the stream, so a client that never ends its requests cannot fill the
+            # stream table.
+            self._reset(stream_id, stream, NO_ERROR, [])
+        else:
             del self._streams[stream_id]
 
     def _drop(self, stream_id: int, stream: _Stream, events: list[Any],

@@ -40,7 +40,12 @@ from purerpc.grpclib.status import Status, StatusCode
 from eventstore.auth.principals import ANONYMOUS, Principal
 from eventstore.auth.tls import QuietTLSListener
 from eventstore.errors import EventStoreError, LimitExceeded
-from eventstore.grpc.http2 import Http2ConnectionError, ServerConnection, StreamReset
+from eventstore.grpc.http2 import (
+    REFUSED_STREAM,
+    Http2ConnectionError,
+    ServerConnection,
+    StreamReset,
+)
 from eventstore.grpc.status import internal_error, to_status
 
 log = logging.getLogger(__name__)
@@ -384,7 +389,8 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     continue
                 if isinstance(event, RequestReceived):
                     if self._reset_running >= self._max_reset_running:
-                        connection.refuse_stream(event.stream_id)
+                        # RFC 9113 §8.7: nothing was done for it; the client may retry it.
+                        connection.reset_stream(event.stream_id, REFUSED_STREAM)
                         refused = True
                         continue
                     stream = self._allocate_stream(event.stream_id)
