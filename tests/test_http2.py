@@ -720,3 +720,18 @@ async def test_a_streaming_call_ends_when_its_client_resets_it() -> None:
             assert not any(isinstance(e, h2.events.StreamReset) for e in ended)
         await sock.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_a_priority_frame_of_the_wrong_size_resets_its_stream_only() -> None:
+    """RFC 9113 §6.3: a stream error (FRAME_SIZE_ERROR), not the connection's."""
+    server, client = _pair()
+    client.send_headers(1, REQUEST)
+    server.receive_data(client.data_to_send())
+    events = server.receive_data(_raw_frame(0x2, 0x0, 1, b"\0\0\0\1"))
+    assert [(type(e), e.stream_id) for e in events] == [(RequestEnded, 1), (WindowUpdated, 1)]
+    seen = client.receive_data(server.data_to_send())
+    assert [(e.stream_id, e.error_code) for e in seen if isinstance(e, h2.events.StreamReset)
+            ] == [(1, h2.errors.ErrorCodes.FRAME_SIZE_ERROR)]
+    client.send_headers(3, REQUEST, end_stream=True)  # the connection goes on
+    assert [type(e) for e in server.receive_data(client.data_to_send())] == [
+        RequestReceived, RequestEnded]

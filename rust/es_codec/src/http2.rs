@@ -245,6 +245,14 @@ impl FrameReader {
                 pending.block.extend_from_slice(payload);
                 self.block_fragment(pending, flags, sink)
             }
+            // Priorities are not used. One of the wrong size is a stream error (§6.3): it goes
+            // up so that the connection resets that stream; one on stream 0 ends the connection.
+            PRIORITY if length != 5 && stream_id != 0 => sink(Frame::Control {
+                kind,
+                stream_id,
+                flags,
+                payload,
+            }),
             PRIORITY => check_control(kind, stream_id, flags, length).map_err(E::from),
             RST_STREAM | WINDOW_UPDATE | SETTINGS | PING | GOAWAY => {
                 check_control(kind, stream_id, flags, length)?;
@@ -685,6 +693,15 @@ mod tests {
         let mut input = frame(0x42, 0xff, 7, b"whatever");
         input.extend(frame(PRIORITY, 0, 1, &[0, 0, 0, 0, 1]));
         assert_eq!(read(&mut r, &input).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_priority_of_the_wrong_size_is_the_streams_error_not_the_connections() {
+        let mut r = reader();
+        let seen = read(&mut r, &frame(PRIORITY, 0, 3, &[0, 0, 0, 1])).unwrap();
+        assert_eq!(seen, vec![Seen::Control(PRIORITY, 3, 0, vec![0, 0, 0, 1])]);
+        let err = read(&mut reader(), &frame(PRIORITY, 0, 0, &[0, 0, 0, 0, 1])).unwrap_err();
+        assert_eq!(err.code, PROTOCOL_ERROR);
     }
 
     #[test]

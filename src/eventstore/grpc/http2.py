@@ -51,13 +51,14 @@ from purerpc.grpclib.status import Status, StatusCode
 from eventstore._es_codec import FrameReader, Http2Error
 
 # Frame types and flags (RFC 9113 §6).
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
-    0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9)
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    0x0, 0x1, 0x2, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9)
 END_STREAM = ACK = 0x1
 END_HEADERS = 0x4
 
 # Error codes (§7).
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED = 0x0, 0x1, 0x3, 0x5
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR = (
+    0x0, 0x1, 0x3, 0x5, 0x6)
 REFUSED_STREAM = 0x7
 
 # Settings (§6.5.2).
@@ -243,6 +244,10 @@ class ServerConnection:
                     self._frame(PING, ACK, 0, frame[3])
             elif kind == RST_STREAM:
                 self._on_reset(frame[1], events)
+            elif kind == PRIORITY:  # the frame reader passes up only one of the wrong size
+                stream = self._streams.get(frame[1])
+                if stream is not None:  # a stream error (§6.3); others have nothing to reset
+                    self._reset(frame[1], stream, FRAME_SIZE_ERROR, events)
             # GOAWAY: the client closes the connection when its calls are done.
         return events
 
