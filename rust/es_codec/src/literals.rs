@@ -67,7 +67,11 @@ pub fn put_null(sql: &mut String) {
 
 pub fn put_int(sql: &mut String, value: i64) {
     // Writing to a String cannot fail.
-    let _ = if value >= 0 { write!(sql, "{value}") } else { write!(sql, "({value})") };
+    let _ = if value >= 0 {
+        write!(sql, "{value}")
+    } else {
+        write!(sql, "({value})")
+    };
 }
 
 pub fn put_text(sql: &mut String, text: &str) -> Result<(), BindError> {
@@ -144,7 +148,9 @@ pub fn check_count(pieces: &[String], count: usize) -> Result<(), BindError> {
     if wanted == count {
         Ok(())
     } else {
-        Err(BindError(format!("query: {wanted} placeholders for {count} parameters")))
+        Err(BindError(format!(
+            "query: {wanted} placeholders for {count} parameters"
+        )))
     }
 }
 

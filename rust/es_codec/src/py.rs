@@ -282,7 +282,11 @@ fn bind_sql(py: Python<'_>, query: &str, params: Vec<Bound<'_, PyAny>>) -> PyRes
     literals::check_count(&pieces, params.len()).map_err(value_error)?;
     let datetime = DATETIME
         .get_or_try_init(py, || -> PyResult<Py<PyType>> {
-            Ok(py.import("datetime")?.getattr("datetime")?.downcast_into::<PyType>()?.unbind())
+            Ok(py
+                .import("datetime")?
+                .getattr("datetime")?
+                .downcast_into::<PyType>()?
+                .unbind())
         })?
         .bind(py);
     let mut sql = String::with_capacity(query.len() + 32 * params.len());
@@ -296,7 +300,10 @@ fn bind_sql(py: Python<'_>, query: &str, params: Vec<Bound<'_, PyAny>>) -> PyRes
 
 static DATETIME: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 
-fn put_param(sql: &mut String, value: &Bound<'_, PyAny>, datetime: &Bound<'_, PyType>,
+fn put_param(
+    sql: &mut String,
+    value: &Bound<'_, PyAny>,
+    datetime: &Bound<'_, PyType>,
 ) -> PyResult<()> {
     if value.is_none() {
         literals::put_null(sql);
@@ -308,11 +315,12 @@ fn put_param(sql: &mut String, value: &Bound<'_, PyAny>, datetime: &Bound<'_, Py
         literals::put_text(sql, text.to_str()?).map_err(value_error)?;
     } else if value.is_instance(datetime)? {
         if value.getattr("tzinfo")?.is_none() {
-            return Err(PyValueError::new_err("a timestamptz needs an aware datetime"));
+            return Err(PyValueError::new_err(
+                "a timestamptz needs an aware datetime",
+            ));
         }
         let iso = value.call_method0("isoformat")?;
-        literals::put_timestamp(sql, iso.downcast::<PyString>()?.to_str()?)
-            .map_err(value_error)?;
+        literals::put_timestamp(sql, iso.downcast::<PyString>()?.to_str()?).map_err(value_error)?;
     } else if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
         if literals::open_array(sql, value.len()?) {
             for (i, item) in value.try_iter()?.enumerate() {

@@ -79,7 +79,6 @@ OUR_HEADER_TABLE_SIZE = 4_096  # the default: the client's encoder may use it
 CONNECTION_WINDOW = 2**30
 
 
-
 class StreamReset:
     """An event: the client reset a stream that was still open (RST_STREAM). Its handler may
     still be running; the transport counts such handlers (see `eventstore.grpc.transport`)."""
