@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 import outcome
 import psycopg
 import trio
+from prometheus_client import Counter
 from psycopg import pq, sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -115,15 +116,28 @@ _K = TypeVar("_K")
 class ReadAhead(Generic[_K, _T]):
     """Reads begun ahead of the request that will want them, by that request's query: at most
     `PREFETCH_MAX`; one older than `PREFETCH_SECONDS` is dropped when the next one starts.
-    `count(outcome)` is told what became of each: `unused` here, the rest by the caller."""
+    `counter` (by outcome) is told what became of each: `unused` and `failed` here, the rest
+    by the caller (`count`)."""
 
-    def __init__(self, count: Callable[[str], None]) -> None:
+    def __init__(self, counter: Counter | None) -> None:
         self._waiting: dict[_K, tuple[float, Pending[_T]]] = {}
-        self._count = count
+        self._counter = counter
 
-    def take(self, key: _K) -> Pending[_T] | None:
+    def count(self, outcome: str) -> None:
+        if self._counter is not None:
+            self._counter.labels(outcome).inc()
+
+    async def take(self, key: _K) -> _T | None:
+        """The result of the read begun for `key`, waited for if it still runs; None when
+        there is none, or it failed."""
         entry = self._waiting.pop(key, None)
-        return None if entry is None else entry[1]
+        if entry is None:
+            return None
+        try:
+            return await entry[1].result()
+        except Exception:
+            self.count("failed")
+            return None
 
     def put(self, key: _K, pending: Pending[_T]) -> None:
         now = time.monotonic()
@@ -131,9 +145,9 @@ class ReadAhead(Generic[_K, _T]):
         for old, (started, _) in list(waiting.items()):
             if now - started > PREFETCH_SECONDS or len(waiting) >= PREFETCH_MAX:
                 del waiting[old]
-                self._count("unused")
+                self.count("unused")
         if waiting.pop(key, None) is not None:
-            self._count("unused")
+            self.count("unused")
         waiting[key] = (now, pending)
 
 
@@ -153,11 +167,10 @@ class Reader:
 
     def __init__(self, url: str, settings: Settings, metrics: Metrics | None = None) -> None:
         self._settings = settings
-        self._metrics = metrics
         self._prefetched: ReadAhead[StreamRange, EventsPage] = ReadAhead(
-            lambda outcome: self._count_prefetch("get_events", outcome))
+            metrics.get_events_prefetch if metrics is not None else None)
         self._read_ahead: ReadAhead[PositionRange, PositionsPage] = ReadAhead(
-            lambda outcome: self._count_prefetch("read_all", outcome))
+            metrics.read_all_prefetch if metrics is not None else None)
         # Every read here is an index walk in key order. Before autovacuum has analyzed a
         # freshly loaded table the planner can choose a bitmap scan plus a sort of the whole
         # range for each page (measured: catch-up 6x slower until ANALYZE); forbidding those
@@ -268,20 +281,15 @@ class Reader:
     async def _prefetched_page(self, query: StreamRange) -> EventsPage | None:
         """The page read ahead for `query`, if there is one and the stream has not moved
         since; None otherwise."""
-        pending = self._prefetched.take(query)
-        if pending is None:
-            return None
-        try:
-            page = await pending.result()
-        except Exception:
-            self._count_prefetch("get_events", "failed")
+        page = await self._prefetched.take(query)
+        if page is None:
             return None
         version = await self._run("reading a stream", lambda conn: self._stream_version(
             conn, query.stream_id, query.stream_type))
         if version != page.stream_version:
-            self._count_prefetch("get_events", "stale")
+            self._prefetched.count("stale")
             return None
-        self._count_prefetch("get_events", "hit")
+        self._prefetched.count("hit")
         return page
 
     def _prefetch(self, query: StreamRange) -> None:
@@ -289,12 +297,6 @@ class Reader:
                               lambda conn: self._get_events_at_once(conn, query))
         if pending is not None:
             self._prefetched.put(query, pending)
-
-    def _count_prefetch(self, read: str, outcome: str) -> None:
-        if self._metrics is not None:
-            counter = (self._metrics.get_events_prefetch if read == "get_events"
-                       else self._metrics.read_all_prefetch)
-            counter.labels(outcome).inc()
 
     async def read_all(self, query: PositionRange) -> bytes:
         """The serialized ReadAllResponse for `query`.
@@ -317,18 +319,13 @@ class Reader:
         return page.reply
 
     async def _read_ahead_page(self, query: PositionRange) -> PositionsPage | None:
-        pending = self._read_ahead.take(query)
-        if pending is None:
-            return None
-        try:
-            page = await pending.result()
-        except Exception:
-            self._count_prefetch("read_all", "failed")
+        page = await self._read_ahead.take(query)
+        if page is None:
             return None
         if page.next_after is None:
-            self._count_prefetch("read_all", "partial")
+            self._read_ahead.count("partial")
             return None
-        self._count_prefetch("read_all", "hit")
+        self._read_ahead.count("hit")
         return page
 
     async def table_sizes(self) -> tuple[int, int, int]:
