@@ -9,6 +9,15 @@ from psycopg.rows import TupleRow
 
 APPLICATION_NAME = "eventstore"
 
+# Every connection's session settings, whatever the database's or role's defaults are:
+# - text is exchanged as UTF-8: the writer's binary COPY sends UTF-8 bytes, which PostgreSQL
+#   reads in the client encoding (on a LATIN1 database, a COPY stored "café" as "cafÃ©"
+#   while an INSERT stored it right), and the Rust decoder reads rows as UTF-8;
+# - READ COMMITTED: the writer reads the head position in a statement after the one that takes
+#   the append lock, which sees what committed meanwhile only under READ COMMITTED (under a
+#   REPEATABLE READ default two servers picked the same positions).
+SESSION_OPTIONS = "-c client_encoding=UTF8 -c default_transaction_isolation=read\\ committed"
+
 
 def connect(url: str, *, statement_timeout_ms: int = 0, autocommit: bool = False,
             connect_timeout: int = 5, prepare: bool = True,
@@ -22,7 +31,7 @@ def connect(url: str, *, statement_timeout_ms: int = 0, autocommit: bool = False
     `plan_cache_mode=force_custom_plan` (which the writer used before), this leaves the plans
     that PL/pgSQL functions keep (migration 004) alone.
     """
-    settings = []
+    settings = [SESSION_OPTIONS]
     if statement_timeout_ms:
         settings.append(f"-c statement_timeout={statement_timeout_ms}")
     conn = psycopg.connect(

@@ -29,7 +29,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from eventstore._es_codec import encode_event_list, encode_events
 from eventstore.config import Settings
 from eventstore.db import libpq
-from eventstore.db.connection import APPLICATION_NAME
+from eventstore.db.connection import APPLICATION_NAME, SESSION_OPTIONS
 from eventstore.db.errors import is_connection_error, result_error, to_domain
 from eventstore.metrics import Metrics
 from eventstore.store.live import LiveEvent, Selector
@@ -175,7 +175,7 @@ class Reader:
         # freshly loaded table the planner can choose a bitmap scan plus a sort of the whole
         # range for each page (measured: catch-up 6x slower until ANALYZE); forbidding those
         # plans for these sessions keeps reads on the index whatever the statistics say.
-        options = (f"-c statement_timeout={settings.statement_timeout_ms}"
+        options = (f"{SESSION_OPTIONS} -c statement_timeout={settings.statement_timeout_ms}"
                    " -c default_transaction_read_only=on"
                    " -c enable_seqscan=off -c enable_bitmapscan=off -c enable_sort=off")
         self._url = url

@@ -24,7 +24,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from eventstore import audit
 from eventstore.config import Settings
-from eventstore.db.connection import APPLICATION_NAME
+from eventstore.db.connection import APPLICATION_NAME, SESSION_OPTIONS
 from eventstore.db.errors import is_connection_error, to_domain
 from eventstore.errors import (
     AlreadyExists,
@@ -97,7 +97,7 @@ class Snapshots:
     def __init__(self, url: str, settings: Settings, metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._metrics = metrics
-        options = f"-c statement_timeout={settings.statement_timeout_ms}"
+        options = f"{SESSION_OPTIONS} -c statement_timeout={settings.statement_timeout_ms}"
         self._pool: ConnectionPool[Conn] = ConnectionPool(
             url, min_size=1, max_size=2, open=False, name="eventstore-snapshots",
             kwargs={"application_name": APPLICATION_NAME, "options": options,
