@@ -7,6 +7,7 @@ Two `AppendWriter`s on one database stand for two server processes; each counts 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import psycopg
@@ -18,8 +19,8 @@ from eventstore.errors import WrongExpectedVersion
 from eventstore.metrics import Metrics
 from eventstore.store.writer import INSERT_MAX_EVENTS, AppendWriter
 from eventstore.v1 import eventstore_pb2 as pb
-from tests.conftest import make_settings
-from tests.helpers import STREAM_TYPE, append_request, events, sid
+from tests.conftest import PgCluster, make_settings
+from tests.helpers import STREAM_TYPE, append_request, events, new_event, sid
 
 
 class Writer:
@@ -222,3 +223,164 @@ async def test_a_bug_in_a_commit_still_answers_its_requests(database_url: str) -
         with trio.fail_after(10), pytest.raises(Unavailable, match="may be stored"):
             await writer.append(AppendRequest.parse(raw, 10_000, 1 << 20))
     assert [str(exc) for exc in failures] == ["a bug"]
+
+
+# A connection lost while its COMMIT was under way: the outcome is unknown to the writer, and the
+# connection's backend may live on (the network failed, not the database).
+
+
+def _cut(writer: AppendWriter) -> None:
+    """The network fails under the writer's connection: its socket goes, its backend stays."""
+    import os
+    import socket
+
+    assert writer._conn is not None
+    sock = socket.socket(fileno=os.dup(writer._conn.pgconn.socket))
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+async def _append_cut_behind_the_lock(writer: Writer, database_url: str, stream: str,
+                                      evs: list[pb.NewEvent], expected: int | None,
+                                      ) -> pb.AppendEventsResponse | Exception:
+    """Append `evs` while another session holds the append lock; cut the writer's connection
+    while its backend waits for the lock, then let the lock go."""
+    from eventstore.store.writer import APPEND_LOCK_KEY
+
+    outcome: list[pb.AppendEventsResponse | Exception] = []
+
+    async def blocked() -> None:
+        try:
+            outcome.append(await writer.append(stream, evs, expected))
+        except Exception as exc:
+            outcome.append(exc)
+
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocked)
+            with psycopg.connect(database_url, autocommit=True) as watcher:
+                for _ in range(500):  # until the writer's backend waits for the lock
+                    row = watcher.execute("SELECT count(*) FROM pg_locks WHERE locktype ="
+                                          " 'advisory' AND NOT granted").fetchone()
+                    if row and row[0]:
+                        break
+                    await trio.sleep(0.02)
+                else:
+                    raise AssertionError("the append never reached the lock")
+            _cut(writer.writer)
+            await trio.sleep(1.0)  # the writer reconciles; its retry waits for the lock
+            holder.rollback()  # the lock goes
+    return outcome[0]
+
+
+@pytest.mark.parametrize("with_ids", [True, False], ids=["client-ids", "server-ids"])
+@pytest.mark.parametrize("expected", [1, None], ids=["expected", "any"])
+async def test_a_lost_commit_whose_backend_lives_on_is_stored_once_and_answered_right(
+        writers: list[Writer], database_url: str, with_ids: bool, expected: int | None,
+) -> None:
+    """The lost connection's backend, still waiting for the lock, would commit once it got
+    it — after the writer had looked for the batch and retried it: the client heard a false
+    conflict (expected version) or the writer retried forever (server-assigned ids, met
+    again). The writer ends that backend first and looks once it has gone."""
+    a, _ = writers
+    stream = sid()
+    await a.append(stream, events(1), expected=0)
+    outcome = await _append_cut_behind_the_lock(a, database_url, stream,
+                                                events(1, with_ids=with_ids), expected)
+    assert isinstance(outcome, pb.AppendEventsResponse), outcome
+    assert (outcome.next_expected_version, outcome.first_position) == (2, 2)
+    assert [(p, v) for p, _, v in stored(database_url)] == [(1, 1), (2, 2)]
+    reply = await a.append(stream, events(1), expected=2)  # the writer goes on
+    assert reply.next_expected_version == 3
+
+
+async def test_a_retry_whose_commit_is_lost_still_gets_the_original_result(
+        writers: list[Writer], database_url: str) -> None:
+    """A retry's ids are stored already (by the original append): finding them after a lost
+    COMMIT does not mean that this attempt stored them. The writer looks for each request's
+    first id at the position it planned for it, and the retry gets the original result."""
+    a, _ = writers
+    stream = sid()
+    batch = events(2, with_ids=True)
+    original = await a.append(stream, batch)
+    outcome = await _append_cut_behind_the_lock(a, database_url, stream, batch, None)
+    assert outcome == original
+    assert [(p, v) for p, _, v in stored(database_url)] == [(1, 1), (2, 2)]
+
+
+async def test_a_lost_commit_that_was_stored_is_answered_and_announced(
+        nursery: trio.Nursery, database_url: str) -> None:
+    """The COMMIT went through but its answer was lost: the writer finds the batch at the
+    positions it planned, answers it as committed and tells its listeners (the live feed)."""
+    metrics = Metrics()
+    writer = AppendWriter(database_url, make_settings(database_url), metrics)
+    announced: list[tuple[int, int, int]] = []
+    writer.add_listener(lambda first, last, count, rows: announced.append((first, last, count)))
+    finish = writer._finish
+    lost = []
+
+    def finish_then_lose(statement: object, results: object) -> None:
+        if not lost:
+            lost.append(True)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        finish(statement, results)  # type: ignore[arg-type]
+
+    writer._finish = finish_then_lose  # type: ignore[method-assign]
+    await nursery.start(writer.run)
+    view = Writer(writer, metrics)
+    stream = sid()
+    reply = await view.append(stream, events(3))
+    assert lost and (reply.first_position, reply.last_position) == (1, 3)
+    assert [(p, v) for p, _, v in stored(database_url)] == [(1, 1), (2, 2), (3, 3)]
+    assert announced == [(1, 3, 3)]
+    assert (await view.append(stream, events(1), expected=3)).first_position == 4
+    assert announced == [(1, 3, 3), (4, 4, 1)]
+
+
+async def test_positions_stay_dense_under_a_repeatable_read_default(
+        writers: list[Writer], database_url: str) -> None:
+    """The writer reads the head in a statement after the one that takes the append lock,
+    which sees the commits made meanwhile only under READ COMMITTED: its sessions ask for it
+    whatever the database's default (under REPEATABLE READ two writers took the same
+    positions, and their clients heard ALREADY_EXISTS)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET"
+                     " default_transaction_isolation = ''repeatable read''',"
+                     " current_database()); END $$")
+
+    async def appends(writer: Writer) -> None:
+        stream = sid()
+        for _ in range(40):
+            await writer.append(stream, events(1))
+
+    async with trio.open_nursery() as nursery:
+        for writer in writers:
+            for _ in range(3):
+                nursery.start_soon(appends, writer)
+    assert [p for p, _, _ in stored(database_url)] == list(range(1, 241))
+
+
+@pytest.mark.parametrize("size", [1, INSERT_MAX_EVENTS + 1], ids=["insert", "copy"])
+async def test_text_is_stored_right_on_a_database_not_in_utf8(
+        nursery: trio.Nursery, pg_cluster: PgCluster, size: int) -> None:
+    """The sessions speak UTF-8 whatever the database's encoding: a binary COPY's text is
+    read in the client's encoding (on a LATIN1 database "café" was stored as "cafÃ©" by COPY,
+    and right by INSERT)."""
+    from eventstore.db.migrations import apply_migrations
+
+    name = f"es_latin1_{size}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_cluster.admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'LATIN1'"
+                     " LC_COLLATE 'C' LC_CTYPE 'C'")
+    url = pg_cluster.url_for(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        apply_migrations(conn)
+    metrics = Metrics()
+    writer = AppendWriter(url, make_settings(url), metrics)
+    await nursery.start(writer.run)
+    evs = [new_event("Créé", '{"name": "café"}'.encode()) for _ in range(size)]
+    await Writer(writer, metrics).append(sid(), evs)
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT DISTINCT event_type, data->>'name' FROM events").fetchall()
+    assert rows == [("Créé", "café")]

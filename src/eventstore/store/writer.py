@@ -37,6 +37,7 @@ reconciled by event id, so a client never hears a false success and nothing is w
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -184,10 +185,13 @@ class PendingAppend:
 class _OutcomeUnknown(Exception):
     """The connection broke during COMMIT: the batch may or may not be stored."""
 
-    def __init__(self, planned: list[Outcome], probe_ids: list[str]) -> None:
+    def __init__(self, statement: _Statement) -> None:
         super().__init__("commit outcome unknown")
-        self.planned = planned
-        self.probe_ids = probe_ids
+        self.statement = statement
+
+
+class _BackendLives(Exception):
+    """The backend of a lost writer connection has not ended yet."""
 
 
 class _StoredIdsMet(Exception):
@@ -207,7 +211,10 @@ class _Statement:
     copy: bytes | None  # the input of the query's COPY FROM STDIN, if it has one
     want_rows: bool  # the committed rows are read back (the result before COMMIT's)
     planned: list[Outcome]  # every request's outcome, once committed
-    probe_ids: list[str]  # an event id of each stored request (to reconcile a lost COMMIT)
+    # The first event id of each stored request and the position it would have: a lost
+    # COMMIT's batch is stored if these are (the id alone may be stored already: a retry).
+    probe_ids: list[str]
+    probe_positions: list[int]
     head: int
     count: int
     final: dict[tuple[str, str], int]  # the streams' versions after it
@@ -440,11 +447,18 @@ class AppendWriter:
                 # An accepted request carried an id that is already stored (a retry, or a
                 # reuse): run the batch again with every client id looked up first.
                 self._rollback()
+                if check_all_ids:
+                    # Every client id was looked up: a server-assigned id is stored. Never
+                    # seen; not retried forever (this work holds up every append).
+                    log.error("an event id the server assigned is already stored")
+                    return [Unavailable("the append could not be stored (an assigned event "
+                                        "id collided); retry")] * len(batch)
                 check_all_ids = True
                 continue
             except _OutcomeUnknown as unknown:
+                lost_backend = self._backend_pid
                 self._drop_connection()
-                reconciled = self._reconcile(unknown, deadline)
+                reconciled = self._reconcile(unknown, deadline, lost_backend)
                 if reconciled is not None:
                     return reconciled
                 log.warning("commit lost with its connection; retrying the batch")
@@ -466,29 +480,46 @@ class AppendWriter:
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    def _reconcile(self, unknown: _OutcomeUnknown, deadline: float) -> list[Outcome] | None:
+    def _reconcile(self, unknown: _OutcomeUnknown, deadline: float,
+                   lost_backend: int | None) -> list[Outcome] | None:
         """After a COMMIT whose outcome is unknown: the planned outcomes if the batch is stored,
-        None if it is not (then it is simply retried), UNAVAILABLE if we cannot tell."""
+        None if it is not (then it is simply retried), UNAVAILABLE if we cannot tell.
+
+        The lost connection's backend may live on (the network failed, not the database) and
+        still commit, e.g. once it gets the append lock: it is ended first, and the batch
+        looked for once it has gone, when its outcome is final. The batch is stored if each
+        request's first event id is at the position planned for it: the id alone may have been
+        stored by an earlier append (the batch was a retry, which must get the original
+        result, not this attempt's)."""
+        statement = unknown.statement
         delay = 0.05
         while True:
             try:
                 conn = self._connection()
+                if lost_backend is not None and lost_backend != self._backend_pid:
+                    if not self._ended(conn, lost_backend):
+                        raise _BackendLives()
+                    lost_backend = None
                 with conn.cursor() as cur:
                     cur.execute(
-                        "SELECT count(*) FROM events WHERE event_id = ANY(%s::uuid[])",
-                        (unknown.probe_ids,),
+                        "SELECT count(*) FROM events e JOIN unnest(%s::uuid[], %s::int8[])"
+                        " AS p(id, position) ON e.event_id = p.id AND e.position = p.position",
+                        (statement.probe_ids, statement.probe_positions),
                     )
                     row = cur.fetchone()
                 conn.rollback()
                 stored = row[0] if row else 0
-                if stored == len(unknown.probe_ids):
+                if stored == len(statement.probe_ids):
                     log.warning("commit outcome was unknown; the batch is stored")
-                    return unknown.planned
+                    self._stored(statement, None)
+                    return statement.planned
                 if stored:
                     log.error("commit partially visible (%d of %d); answering UNAVAILABLE",
-                              stored, len(unknown.probe_ids))
+                              stored, len(statement.probe_ids))
                     break
                 return None
+            except _BackendLives:
+                pass
             except Exception as exc:
                 if not is_connection_error(exc):
                     log.exception("reconciling an unknown commit failed")
@@ -504,8 +535,19 @@ class AppendWriter:
         )
         return [
             unknown_outcome if isinstance(planned, bytes) else planned
-            for planned in unknown.planned
+            for planned in statement.planned
         ]
+
+    @staticmethod
+    def _ended(conn: psycopg.Connection[TupleRow], backend: int) -> bool:
+        """Ask the backend of a lost connection to end (aborting what it has not committed);
+        whether it has gone."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE pid = %s", (backend,))
+            ended = cur.fetchone() is None
+        conn.rollback()
+        return ended
 
     def _commit_once(self, conn: psycopg.Connection[TupleRow], batch: Sequence[PendingAppend],
                      *, check_all_ids: bool, guess: bool = False) -> list[Outcome]:
@@ -693,6 +735,8 @@ class AppendWriter:
                                                 now_us - PG_EPOCH_OFFSET_US),
             want_rows=want_rows, planned=planned,
             probe_ids=[request.event_ids[0] for request in requests],
+            probe_positions=list(itertools.accumulate(
+                (request.event_count for request in requests[:-1]), initial=head + 1)),
             head=head, count=count, final=final)
 
     def _execute(self, statement: _Statement) -> None:
@@ -721,7 +765,7 @@ class AppendWriter:
             if exc.sqlstate == STALE_SQLSTATE:
                 return _Stale()
             if is_connection_error(exc):
-                return _OutcomeUnknown(statement.planned, statement.probe_ids)
+                return _OutcomeUnknown(statement)
         return exc
 
     def _finish(self, statement: _Statement, results: list[pq.abc.PGresult]) -> None:
@@ -735,6 +779,10 @@ class AppendWriter:
             body = results[-2].get_value(0, 0)
             read_back = COPY_HEADER + (bytes.fromhex(body[2:].decode()) if body else b"") + (
                 COPY_TRAILER)
+        self._stored(statement, read_back)
+
+    def _stored(self, statement: _Statement, read_back: bytes | None) -> None:
+        """Note what `statement` committed, for the next guesses and the listeners."""
         head, count = statement.head, statement.count
         self._head = head + count
         self._remember(statement.final.items())
