@@ -340,7 +340,7 @@ def test_streams_out_of_order_or_closed_are_reset_not_ignored() -> None:
     assert server.receive_data(_raw_frame(0x1, 0x5, 3, _literals(REQUEST))) == []
     assert server.data_to_send() == _raw_frame(0x3, 0x0, 3, b"\0\0\0\x05")
     events = server.receive_data(_raw_frame(0x1, 0x5, 5, _literals([("x", "y")])))
-    assert [type(e) for e in events] == [WindowUpdated]
+    assert [type(e) for e in events] == [WindowUpdated, StreamReset]  # its handler may run
     assert server.data_to_send() == _raw_frame(0x3, 0x0, 5, b"\0\0\0\x05")
     # HEADERS without any pseudo-header field opening a stream: malformed.
     assert server.receive_data(_raw_frame(0x1, 0x5, 7, _literals([("a", "b")]))) == []
@@ -728,10 +728,181 @@ def test_a_priority_frame_of_the_wrong_size_resets_its_stream_only() -> None:
     client.send_headers(1, REQUEST)
     server.receive_data(client.data_to_send())
     events = server.receive_data(_raw_frame(0x2, 0x0, 1, b"\0\0\0\1"))
-    assert [(type(e), e.stream_id) for e in events] == [(RequestEnded, 1), (WindowUpdated, 1)]
+    assert [(type(e), e.stream_id) for e in events] == [
+        (RequestEnded, 1), (WindowUpdated, 1), (StreamReset, 1)]
     seen = client.receive_data(server.data_to_send())
     assert [(e.stream_id, e.error_code) for e in seen if isinstance(e, h2.events.StreamReset)
             ] == [(1, h2.errors.ErrorCodes.FRAME_SIZE_ERROR)]
     client.send_headers(3, REQUEST, end_stream=True)  # the connection goes on
     assert [type(e) for e in server.receive_data(client.data_to_send())] == [
         RequestReceived, RequestEnded]
+
+
+# A client that reads slowly, and resets while the server waits to write: raw frames over a real
+# socket with a small receive buffer and the largest windows HTTP/2 allows.
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HUGE_WINDOWS = (
+    _raw_frame(0x4, 0x0, 0, struct.pack(">HIHI", 0x4, 2**31 - 1, 0x5, 2**24 - 1))
+    + _raw_frame(0x8, 0x0, 0, struct.pack(">I", 2**31 - 1 - 65_535)))
+
+
+def _call(stream_id: int, path: str, body: bytes) -> bytes:
+    headers = [(n, path if n == ":path" else v) for n, v in REQUEST]
+    return (_raw_frame(0x1, 0x4, stream_id, _literals(headers))
+            + _raw_frame(0x0, 0x1, stream_id, struct.pack(">?I", False, len(body)) + body))
+
+
+async def _slow_reader(port: int) -> trio.socket.SocketType:
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    return sock
+
+
+async def test_a_call_reset_while_its_reply_waits_for_the_socket_leaves_the_connection_whole(
+        ) -> None:
+    """A subscription's replies fill the socket (its client reads slowly); the client resets
+    it while the server waits to write. The write in progress is finished: the client's other
+    calls on the connection are answered, their frames intact (a write cut short had left the
+    client a partial frame, and every later byte misread)."""
+    chunk = b"\xab" * (1 << 20)
+
+    async def flood(raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
+        await trio.sleep(0.2)  # the first event comes later: the stream's headers have gone
+        for _ in range(64):
+            yield chunk
+
+    async def echo(raw: bytes, request: RequestReceived) -> bytes:
+        return b"echo:" + raw
+
+    server = GrpcServer({"pkg.Service/Flood": Method(stream=flood),
+                         "pkg.Service/Echo": Method(unary=echo)}, max_request_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sock = await _slow_reader(port)
+        with trio.fail_after(20):
+            await sock.send(_PREFACE + _HUGE_WINDOWS + _call(1, "/pkg.Service/Flood", b"go"))
+            await trio.testing.wait_all_tasks_blocked(0.2)  # the server waits for the socket
+            await sock.send(_raw_frame(0x3, 0x0, 1, struct.pack(">I", 0x8))  # CANCEL
+                            + _call(3, "/pkg.Service/Echo", b"hi"))
+            buffer, echoed, ended = b"", b"", False
+            while not ended:
+                data = await sock.recv(1 << 20)
+                assert data, "the server closed the connection"
+                buffer += data
+                while len(buffer) >= 9:
+                    length = int.from_bytes(buffer[:3], "big")
+                    if len(buffer) < 9 + length:
+                        break
+                    kind, flags = buffer[3], buffer[4]
+                    stream_id = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+                    payload, buffer = buffer[9:9 + length], buffer[9 + length:]
+                    assert stream_id in (0, 1, 3), f"a frame for stream {stream_id}: misread"
+                    if kind == 0x0 and stream_id == 1:
+                        assert not payload.strip(b"\xab")[5:], "stream 1's DATA is not its own"
+                    if kind == 0x0 and stream_id == 3:
+                        echoed += payload
+                    ended = ended or (stream_id == 3 and kind == 0x1 and bool(flags & 0x1))
+        assert echoed[5:] == b"echo:hi"
+        sock.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_call_whose_client_reads_nothing_waits_instead_of_buffering() -> None:
+    """A client's windows let the server frame up to 2 GiB a stream; a subscription whose
+    client does not read waits once the connection owes it about 1 MiB, instead of the server
+    holding all of its replies."""
+    chunk = b"\xab" * (1 << 20)
+    made = 0
+
+    async def flood(raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
+        nonlocal made
+        for _ in range(64):
+            made += 1
+            yield chunk
+
+    server = GrpcServer({"pkg.Service/Flood": Method(stream=flood)}, max_request_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sock = await _slow_reader(port)
+        await sock.send(_PREFACE + _HUGE_WINDOWS + _call(1, "/pkg.Service/Flood", b"go"))
+        with trio.fail_after(10):
+            await trio.testing.wait_all_tasks_blocked(0.5)
+        # What the socket buffers hold (a few MiB on loopback), plus about one reply framed.
+        assert made < 16, f"{made} replies of 1 MiB made for a client that reads nothing"
+        sock.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("offence", [
+    _raw_frame(0x8, 0x0, 1, b"\0\0\0\0"),  # WINDOW_UPDATE of 0 on the stream
+    _raw_frame(0x2, 0x0, 1, b"\0\0\0\1"),  # PRIORITY of the wrong size
+    _raw_frame(0x0, 0x0, 1, b"\0\0\0\0\0"),  # DATA after the request's end
+], ids=["window-update-0", "priority-size", "data-after-end"])
+async def test_calls_the_server_resets_for_the_client_s_errors_count_as_reset(
+        offence: bytes) -> None:
+    """Rapid reset by the server's hand: frames that make the server reset a stream free it
+    as the client's RST_STREAM does, so they count against `max_reset_running` too."""
+    release = trio.Event()
+    started: list[bytes] = []
+    arrived = {b"a": trio.Event(), b"c": trio.Event()}
+
+    async def handler(raw: bytes, request: RequestReceived) -> bytes:
+        started.append(raw)
+        arrived[raw].set()
+        await release.wait()
+        return raw
+
+    server = GrpcServer({"pkg.Service/Method": Method(unary=handler)}, max_request_bytes=1 << 20,
+                        max_reset_running=1)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        await sock.send_all(_PREFACE + _raw_frame(0x4, 0x0, 0, b"")
+                            + _call(1, "/pkg.Service/Method", b"a"))
+        with trio.fail_after(10):
+            await arrived[b"a"].wait()
+            await sock.send_all(offence + _call(3, "/pkg.Service/Method", b"b"))
+            reset: dict[int, int] = {}
+            buffer = b""
+            while 3 not in reset:
+                data = await sock.receive_some()
+                assert data, "the server closed the connection"
+                buffer += data
+                while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+                    length, kind = int.from_bytes(buffer[:3], "big"), buffer[3]
+                    stream_id = int.from_bytes(buffer[5:9], "big")
+                    if kind == 0x3:  # RST_STREAM
+                        reset[stream_id] = int.from_bytes(buffer[9:13], "big")
+                    buffer = buffer[9 + length:]
+            assert reset[3] == h2.errors.ErrorCodes.REFUSED_STREAM
+            assert started == [b"a"]
+            release.set()  # the reset call's handler ends; calls are served again
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            await sock.send_all(_call(5, "/pkg.Service/Method", b"c"))
+            await arrived[b"c"].wait()
+        await sock.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reset_call_is_uncounted_even_when_purerpc_has_dropped_its_stream() -> None:
+    """purerpc's close forgets a stream whose both sides have ended; a reset call whose
+    handler ends that way is uncounted all the same (else the connection, having counted it,
+    would refuse every new call once `max_reset_running` such calls had ended)."""
+    import anyio
+
+    from eventstore.grpc.transport import _Socket
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, await anyio.connect_tcp("127.0.0.1", port) as tcp:
+        socket = _Socket(GRPCConfiguration(client_side=False), tcp, max_reset_running=1)
+        stream = socket._allocate_stream(1)
+        stream.was_reset = True  # as `_listen` marks a call reset while its handler runs
+        socket._reset_running = 1
+        stream._close_remote()
+        stream._close_local()  # what purerpc's close does first: the stream leaves the table
+        assert 1 not in socket._streams
+        socket.forget(stream)
+        assert socket._reset_running == 0

@@ -80,8 +80,11 @@ CONNECTION_WINDOW = 2**30
 
 
 class StreamReset:
-    """An event: the client reset a stream that was still open (RST_STREAM). Its handler may
-    still be running; the transport counts such handlers (see `eventstore.grpc.transport`)."""
+    """An event: a stream was reset while open — by its client (RST_STREAM), or by this side
+    for the client's error on it (bad flow control, frames after its end, bad trailers, a
+    PRIORITY frame of the wrong size). Its handler may still be running; the transport counts
+    such handlers (see `eventstore.grpc.transport`): a client must not be able to free streams
+    faster than their handlers end, whichever side sends the reset."""
 
     __slots__ = ("stream_id",)
 
@@ -206,6 +209,10 @@ class ServerConnection:
 
     def bytes_to_send(self) -> int:
         return len(self._out)
+
+    def unsend(self, data: bytes) -> None:
+        """Put back bytes taken by `data_to_send` that could not be sent: they go first."""
+        self._out[:0] = data
 
     def data_to_send(self, amount: int | None = None) -> bytes:
         if amount is not None and amount < len(self._out):
@@ -343,7 +350,8 @@ class ServerConnection:
                     *_status_headers(Status(StatusCode.RESOURCE_EXHAUSTED,
                                             f"request headers over {OUR_MAX_HEADER_LIST_SIZE} "
                                             "bytes"))])))
-                self._frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR))
+                if not end_stream:  # else the stream is closed: nothing more may be sent on it
+                    self._frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR))
             else:
                 self._frame(RST_STREAM, 0, stream_id, _U32.pack(PROTOCOL_ERROR))
             return
@@ -393,14 +401,15 @@ class ServerConnection:
                 stream.undelivered -= length
                 events.append(MessageReceived(stream_id, message, length))
         except MessageTooLargeError as error:
-            self._refuse(stream_id, stream, StatusCode.RESOURCE_EXHAUSTED, str(error), events)
+            self._refuse(stream_id, stream, StatusCode.RESOURCE_EXHAUSTED, str(error), events,
+                         end_stream)
             return
         except UnsupportedMessageEncodingError as error:
             self._refuse(stream_id, stream, StatusCode.UNIMPLEMENTED,
-                         f"{error}; send messages uncompressed", events)
+                         f"{error}; send messages uncompressed", events, end_stream)
             return
         except _BadMessage as error:
-            self._refuse(stream_id, stream, error.code, str(error), events)
+            self._refuse(stream_id, stream, error.code, str(error), events, end_stream)
             return
         if end_stream:
             self._close_remote(stream_id, stream, events)
@@ -464,7 +473,6 @@ class ServerConnection:
         stream = self._streams.get(stream_id)
         if stream is not None:
             self._drop(stream_id, stream, events)
-            events.append(StreamReset(stream_id))
 
     # ---------------------------------------------------------------------- helpers
 
@@ -498,7 +506,8 @@ class ServerConnection:
         request if it waits for it (carrying `refused`, the status the connection answered
         the call with, if it did), a sender waiting for the window wakes and finds the
         stream gone, and what it received but never delivered is credited back to the
-        connection."""
+        connection. Unless the connection answered the call itself (`refused`: its handler
+        has nothing to do but end), the transport is told (`StreamReset`)."""
         del self._streams[stream_id]
         self._credit(stream)
         if stream.remote_open:
@@ -506,6 +515,8 @@ class ServerConnection:
             ended.refused = refused
             events.append(ended)
         events.append(WindowUpdated(stream_id, 0))
+        if refused is None:
+            events.append(StreamReset(stream_id))
 
     def _reset(self, stream_id: int, stream: _Stream, code: int, events: list[Any],
                refused: StatusCode | None = None) -> None:
@@ -513,8 +524,9 @@ class ServerConnection:
         self._drop(stream_id, stream, events, refused)
 
     def _refuse(self, stream_id: int, stream: _Stream, code: StatusCode, message: str,
-                events: list[Any]) -> None:
-        """Answer a call whose request cannot be read with a status, and stop its request."""
+                events: list[Any], ended: bool) -> None:
+        """Answer a call whose request cannot be read with a status, and stop its request
+        unless it has `ended` (then the stream is closed, and nothing more may go on it)."""
         if stream.local_open:
             status = _status_headers(Status(code, message))
             if stream.headers_sent:
@@ -523,7 +535,10 @@ class ServerConnection:
                 block = _encode([(":status", "200"), *self._response_headers("+proto"),
                                  *status])
             self._frame(HEADERS, END_HEADERS | END_STREAM, stream_id, self._block(block))
-        self._reset(stream_id, stream, NO_ERROR, events, code)
+        if ended:
+            self._drop(stream_id, stream, events, code)
+        else:
+            self._reset(stream_id, stream, NO_ERROR, events, code)
 
     def _credit(self, stream: _Stream) -> None:
         if stream.undelivered:

@@ -100,24 +100,67 @@ class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
         # The plain TCP socket (None under TLS, whose bytes must go through the TLS stream).
         self._raw = (stream.extra(anyio.abc.SocketAttribute.raw_socket)
                      if isinstance(stream, anyio.abc.SocketStream) else None)
+        # Bytes being written by a waiting send, and the senders waiting for it to end
+        # (`wait_backlog`).
+        self._in_flight = 0
+        self._sent: trio.Event | None = None
+        self._writer_gone = False
 
     async def _writer_thread(self) -> None:
-        while True:
-            async with self._send_lock:
-                data = self._grpc_connection.data_to_send()
-                if data:
-                    await self._stream.send(data)
-                    continue
-            if not self._running:
-                return
-            await self._flush_event.wait()
-            self._flush_event = anyio.Event()
+        """purerpc's writer task, sending under the lock. Only this task and `drain` (the
+        connection's own task) wait for the socket: a call's handler can be cancelled (its
+        client reset the call), and a write cut short would leave every other stream of the
+        connection a partial frame."""
+        try:
+            while True:
+                async with self._send_lock:
+                    data = self._grpc_connection.data_to_send()
+                    if data:
+                        await self._send_waiting(data)
+                        continue
+                if not self._running:
+                    return
+                await self._flush_event.wait()
+                self._flush_event = anyio.Event()
+        finally:
+            self._writer_gone = True
+            self._wake_senders()
 
     async def drain(self) -> None:
         """Send everything pending, waiting for the socket as long as it takes."""
         async with self._send_lock:
             while data := self._grpc_connection.data_to_send():
-                await self._stream.send(data)
+                await self._send_waiting(data)
+
+    async def _send_waiting(self, data: bytes) -> None:
+        self._in_flight = len(data)
+        try:
+            await self._stream.send(data)
+        finally:
+            self._in_flight = 0
+            self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        if self._sent is not None:
+            self._sent.set()
+            self._sent = None
+
+    def backlogged(self) -> bool:
+        """Whether the connection owes its client more than `_MAX_UNSENT` bytes (a client
+        that reads slower than its calls' replies are made)."""
+        owed: int = self._in_flight + self._grpc_connection.bytes_to_send()
+        return owed > _MAX_UNSENT
+
+    async def wait_backlog(self) -> None:
+        """Wait until the connection owes its client at most `_MAX_UNSENT` bytes: a handler
+        making replies (a subscription, a large read) waits for its client to read them, so
+        the server never holds more than that for a slow client's connection — its HTTP/2
+        windows, which the client chooses, would let it hold up to 2 GiB a stream."""
+        while self.backlogged() and not self._writer_gone:
+            await self.flush()  # the writer task sends what is framed
+            if self._sent is None:
+                self._sent = trio.Event()
+            await self._sent.wait()
 
     async def send_now(self) -> bool:
         """Send what is pending unless a send is in progress (then its sender takes this too:
@@ -139,10 +182,11 @@ class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
                 return False
             sent = self._send_at_once(data)
             if sent < len(data):
-                # The socket's buffer is full (a slow reader): the rest goes the waiting
-                # way, still under the lock, so bytes keep their order.
-                await self._stream.send(data[sent:])
-                return True
+                # The socket takes no more now (a slow reader; or TLS, whose bytes this task
+                # does not write itself): the writer task sends the rest, first, so bytes keep
+                # their order. Not this task: see `_writer_thread`.
+                self._grpc_connection.unsend(data[sent:])
+                self._flush_event.set()
         finally:
             self._send_lock.release()
         await trio.lowlevel.checkpoint()
@@ -166,10 +210,12 @@ _RECEIVE_BUFFER = 1024 * 1024
 _MAX_UNSENT = 1024 * 1024
 # How long the GOAWAY of a protocol error may take to leave before the connection closes.
 _GOAWAY_SECONDS = 5.0
-# How many handlers may still run on one connection for calls its client has reset, before
-# new calls on it are refused (RST_STREAM REFUSED_STREAM, which a client may retry). A reset
-# frees its stream at once, so without this bound a client sending HEADERS and RST_STREAM in
-# a loop ("rapid reset", CVE-2023-44487) has the server run any number of calls at once.
+# How many handlers may still run on one connection for calls that were reset (by the client,
+# or by the server for the client's error on the stream), before new calls on it are refused
+# (RST_STREAM REFUSED_STREAM, which a client may retry). A reset frees its stream at once, so
+# without this bound a client sending HEADERS and RST_STREAM in a loop ("rapid reset",
+# CVE-2023-44487), or frames that get its streams reset, has the server run any number of
+# calls at once.
 MAX_RESET_RUNNING = 1_024
 
 # A gRPC message's prefix: compressed flag, then length.
@@ -192,8 +238,10 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         self._grpc_socket = grpc_socket
         self._socket = socket
         self._window_waiter: trio.Event | None = None
-        self.reset_by_client = False
-        # A streaming handler's scope, cancelled when the client resets the call.
+        # Reset while its handler runs (by the client, or for the client's error on it), and
+        # counted in `_Socket._reset_running` until the handler ends.
+        self.was_reset = False
+        # A streaming handler's scope, cancelled when the call is reset.
         self.cancel_on_reset: trio.CancelScope | None = None
         self._incoming: deque[Any] = deque()
         self._arrival: trio.Event | None = None
@@ -275,6 +323,8 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         """Answer a unary call: its headers, its message and the OK trailers, framed together
         and written to the socket by this task (purerpc sent the headers on their own when the
         call started, and each of its sends woke the connection's writer task)."""
+        if self._socket.backlogged():
+            await self._socket.wait_backlog()
         connection = self._grpc_connection
         connection.start_response(self._stream_id, "+proto")
         self._response_started = True
@@ -295,7 +345,10 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         A reply that fits the open window goes out as one DATA frame written to the socket by
         this task (`_EagerSocket.send_now`), without purerpc's message buffer and without
         waking the connection's writer task; a larger one is split as the window allows
-        (`_send_windowed`)."""
+        (`_send_windowed`). While the connection owes its client more than `_MAX_UNSENT`
+        bytes, it first waits for the client to read (`_EagerSocket.wait_backlog`)."""
+        if self._socket.backlogged():
+            await self._socket.wait_backlog()
         connection = self._grpc_connection
         message = _MESSAGE_PREFIX.pack(False, len(data)) + data
         if len(message) <= connection.flow_control_window(self._stream_id):
@@ -381,8 +434,8 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     continue
                 if isinstance(event, StreamReset):
                     reset = streams.get(event.stream_id)
-                    if reset is not None and not reset.reset_by_client:
-                        reset.reset_by_client = True
+                    if reset is not None and not reset.was_reset:
+                        reset.was_reset = True
                         self._reset_running += 1
                         if reset.cancel_on_reset is not None:
                             reset.cancel_on_reset.cancel()
@@ -411,7 +464,11 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
         """A finished handler's stream: purerpc keeps it until both sides have closed, which
         a stream reset by the client never does. Messages it never read (a call answered
         before its request was read) free their share of the connection's window."""
-        if self._streams.pop(stream._stream_id, None) is not None and stream.reset_by_client:
+        self._streams.pop(stream._stream_id, None)
+        # Whether or not the stream was still in the table (purerpc's close drops a stream
+        # whose both sides have ended), a reset call counted is uncounted once.
+        if stream.was_reset:
+            stream.was_reset = False
             self._reset_running -= 1
         for event in stream.unread():
             self._discard(event)
@@ -518,7 +575,7 @@ class GrpcServer:
             # its next send, which may be a checkpoint interval away.
             with trio.CancelScope() as scope:
                 stream.cancel_on_reset = scope
-                if stream.reset_by_client:
+                if stream.was_reset:
                     scope.cancel()
                 await self._dispatch(stream, event, method, certificate)
         except Exception as exc:
