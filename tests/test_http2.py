@@ -906,3 +906,53 @@ async def test_a_reset_call_is_uncounted_even_when_purerpc_has_dropped_its_strea
         assert 1 not in socket._streams
         socket.forget(stream)
         assert socket._reset_running == 0
+
+
+async def test_a_call_past_its_deadline_ends_deadline_exceeded_and_the_server_goes_on() -> None:
+    """grpc-timeout is the client's deadline: a unary call still waiting at it, and a stream
+    still open at it, end DEADLINE_EXCEEDED (the server stops working for a client that has
+    given up); a call answered in time is not affected."""
+    seen: list[tuple[str, str]] = []
+
+    async def slow(raw: bytes, request: RequestReceived) -> bytes:
+        if raw == b"wait":
+            await trio.sleep_forever()
+        return raw
+
+    async def forever(raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
+        yield raw
+        await trio.sleep_forever()
+
+    server = GrpcServer({"pkg.Service/Method": Method(unary=slow),
+                         "pkg.Service/Stream": Method(stream=forever)},
+                        max_request_bytes=1 << 20,
+                        observe=lambda method, code, seconds: seen.append((method, code)))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+
+    def call(stream_id: int, path: str, body: bytes, timeout: str) -> None:
+        headers = [(n, path if n == ":path" else v) for n, v in REQUEST]
+        client.send_headers(stream_id, [*headers, ("grpc-timeout", timeout)])
+        client.send_data(stream_id, _message(body), end_stream=True)
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        call(1, "/pkg.Service/Method", b"wait", "200m")
+        call(3, "/pkg.Service/Stream", b"s", "300m")
+        call(5, "/pkg.Service/Method", b"fast", "10S")
+        await sock.send_all(client.data_to_send())
+        statuses: dict[int, bytes] = {}
+        with trio.fail_after(10):
+            while len(statuses) < 3:
+                data = await sock.receive_some()
+                assert data, "the server closed the connection"
+                for event in client.receive_data(data):
+                    if isinstance(event, h2.events.TrailersReceived):
+                        statuses[event.stream_id] = dict(event.headers)[b"grpc-status"]
+                await sock.send_all(client.data_to_send())
+        await sock.aclose()
+        nursery.cancel_scope.cancel()
+    assert statuses == {1: b"4", 3: b"4", 5: b"0"}  # 4: DEADLINE_EXCEEDED
+    assert sorted(seen) == [("Method", "DEADLINE_EXCEEDED"), ("Method", "OK"),
+                            ("Stream", "DEADLINE_EXCEEDED")]

@@ -293,3 +293,60 @@ async def test_grpc_health_watch_follows_readiness(server: ServerInfo) -> None:
         return reply[1]
 
     assert await trio.to_thread.run_sync(first_status) == 1  # SERVING
+
+
+async def test_an_append_past_its_deadline_is_still_stored_and_audited(
+        server: ServerInfo, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A client's deadline (grpcio's timeout) passes while its append waits behind the append
+    lock: the client hears DEADLINE_EXCEEDED, and the append, once queued, is committed all the
+    same and audited — the outcome a client that gave up must learn by retrying with the same
+    event ids."""
+    import grpc
+
+    from eventstore.store.writer import APPEND_LOCK_KEY
+    from eventstore.v1 import eventstore_pb2 as pb
+    from tests.helpers import append_request, events
+
+    caplog.set_level("INFO", logger="eventstore.audit")
+    audited = trio.Event()
+
+    class Audited(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            audited.set()
+
+    stream = str(uuid.uuid4())
+    request = append_request(stream, events(2, with_ids=True), None, stream_type="Deck")
+
+    def append_with_deadline() -> str:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            rpc = channel.unary_unary(
+                "/eventstore.v1.EventStoreService/AppendEvents",
+                request_serializer=pb.AppendEventsRequest.SerializeToString,
+                response_deserializer=pb.AppendEventsResponse.FromString)
+            try:
+                rpc(request, timeout=0.5)
+            except grpc.RpcError as exc:
+                return str(exc.code().name)  # type: ignore[attr-defined]
+            return "OK"
+
+    logging.getLogger("eventstore.audit").addHandler(handler := Audited())
+    try:
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
+            assert await trio.to_thread.run_sync(append_with_deadline) == "DEADLINE_EXCEEDED"
+            holder.rollback()  # the lock goes
+        with trio.fail_after(10):
+            await audited.wait()
+    finally:
+        logging.getLogger("eventstore.audit").removeHandler(handler)
+    (record,) = [r for r in caplog.records if r.name == "eventstore.audit"]
+    assert (record.operation, record.outcome, record.stream_id, record.event_count) == (
+        "append", "ok", stream, 2)
+    async with EventStoreClient.connect("127.0.0.1", server.port) as client:
+        stored = [event async for event in client.get_events(stream, "Deck")]
+        assert [e.event_id for e in stored] == [e.event_id for e in request.events]
+        # The client's retry with the same ids learns the outcome: its original result.
+        retried = await client.append_events(stream, "Deck", [
+            NewEvent(e.event_type, {"i": i}, event_id=e.event_id)
+            for i, e in enumerate(request.events)])
+        assert retried.next_expected_version == 2

@@ -246,6 +246,9 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         self._incoming: deque[Any] = deque()
         self._arrival: trio.Event | None = None
         self._response_started = False
+        # Whether the response has ended (its status framed): a call's deadline passing
+        # after that changes nothing.
+        self.answered = False
         self._state = GRPCStreamState.OPEN
         self._start_stream_event = None
         self._end_stream_event = None
@@ -318,6 +321,7 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
             self._grpc_connection.start_response(self._stream_id, "+proto")
             self._response_started = True
         await super().close(status, content_type_suffix, custom_metadata)
+        self.answered = True
 
     async def send_unary(self, data: bytes) -> None:
         """Answer a unary call: its headers, its message and the OK trailers, framed together
@@ -335,6 +339,7 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
             await self._send_windowed(message)
         self._close_local()
         connection.end_response(self._stream_id, Status(StatusCode.OK))
+        self.answered = True
         if not await self._socket.send_now():
             await self._socket.flush()
 
@@ -585,10 +590,43 @@ class GrpcServer:
 
     async def _dispatch(self, stream: _EagerStream, event: RequestReceived,
                         method: Method, certificate: Any) -> None:
+        """Run a call, within its deadline when its client set one (grpc-timeout): past it,
+        what the call still waits for (its request, a read, the window, the next event of a
+        subscription) is given up and the call ends DEADLINE_EXCEEDED. An append already
+        queued is committed all the same (its outcome is awaited shielded)."""
         started = time.perf_counter()
         code = "OK"
         deferred: list[Callable[[], None]] = []
         event.after_reply = deferred
+        timeout = getattr(event, "timeout", None)
+        try:
+            if timeout is None:
+                code = await self._handle(stream, event, method, certificate)
+            else:
+                with trio.move_on_after(timeout.total_seconds()) as deadline:
+                    code = await self._handle(stream, event, method, certificate)
+                if deadline.cancelled_caught and not stream.answered:
+                    code = "DEADLINE_EXCEEDED"
+                    with contextlib.suppress(*CLIENT_GONE, TypeError):
+                        await stream.close(Status(StatusCode.DEADLINE_EXCEEDED,
+                                                  status_message="the call's deadline passed"))
+        except trio.Cancelled:
+            code = "CANCELLED"  # the client's connection ended (or the server stops)
+            raise
+        finally:
+            if self._observe is not None:
+                self._observe(event.method_name, code, time.perf_counter() - started)
+            for action in deferred:
+                try:
+                    action()
+                except Exception:
+                    log.exception("work after the reply of %s/%s failed", event.service_name,
+                                  event.method_name)
+
+    async def _handle(self, stream: _EagerStream, event: RequestReceived,
+                      method: Method, certificate: Any) -> str:
+        """Read the call's request, run its handler and answer; the status code it ended with
+        (a cancellation propagates)."""
         try:
             if self._authenticate is not None and not method.public:
                 # Before the request is read: an unknown caller learns nothing about it.
@@ -605,8 +643,7 @@ class GrpcServer:
                 if refused is not None:
                     # The connection has answered the call itself (a message it could not
                     # read: too large, or compressed in a way it cannot undo).
-                    code = refused.name
-                    return
+                    return str(refused.name)
                 raise _BadRequest("the request has no message")
             if await stream.receive_message() is not None:
                 raise _BadRequest("expected exactly one request message")
@@ -617,7 +654,7 @@ class GrpcServer:
             if method.unary is not None:
                 reply = await method.unary(bytes(raw), event)
                 await stream.send_unary(reply)
-                return
+                return "OK"
             assert method.stream is not None
             # A stream's headers go at once: its first message may be long in coming.
             await stream.start_response()
@@ -630,33 +667,21 @@ class GrpcServer:
                 if aclose is not None:
                     await aclose()
             await stream.close(Status(StatusCode.OK))
-        except trio.Cancelled:
-            code = "CANCELLED"  # the client's connection ended (or the server stops)
-            raise
+            return "OK"
         except CLIENT_GONE:
             # The client cancelled or disconnected: nobody is left to answer.
-            code = "CANCELLED"
             log.debug("client went away during %s/%s", event.service_name, event.method_name)
+            return "CANCELLED"
         except EventStoreError as error:
             status, trailers = to_status(error)
-            code = status.status_code.name
-            await stream.close(status, custom_metadata=trailers)
         except _BadRequest as bad:
-            code = "INVALID_ARGUMENT"
-            await stream.close(Status(StatusCode.INVALID_ARGUMENT, status_message=str(bad)))
+            status, trailers = Status(StatusCode.INVALID_ARGUMENT, status_message=str(bad)), []
         except Exception:
-            code = "INTERNAL"
             log.exception("unexpected error in %s/%s", event.service_name, event.method_name)
-            await stream.close(internal_error())
-        finally:
-            if self._observe is not None:
-                self._observe(event.method_name, code, time.perf_counter() - started)
-            for action in deferred:
-                try:
-                    action()
-                except Exception:
-                    log.exception("work after the reply of %s/%s failed", event.service_name,
-                                  event.method_name)
+            status, trailers = internal_error(), []
+        with contextlib.suppress(*CLIENT_GONE):  # then nobody is left to tell
+            await stream.close(status, custom_metadata=trailers)
+        return str(status.status_code.name)
 
 
 def _peer_of(byte_stream: anyio.abc.ByteStream) -> str:
