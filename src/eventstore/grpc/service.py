@@ -98,10 +98,8 @@ class EventStoreService:
             principal.check_write(parsed.stream_type)
             # Once queued, the append is committed whatever becomes of this call: its outcome
             # is awaited even when the call is cancelled (its connection ended), so that a
-            # stored write always gets its audit line. The writer answers every queued
-            # request, at the latest after `writer_retry_seconds` or when it stops.
-            with trio.CancelScope(shield=True):
-                reply = await self._writer.append(parsed)
+            # stored write always gets its audit line (see `AppendWriter.append`).
+            reply = await self._writer.append(parsed)
         except EventStoreError as error:
             audit.record("append", **audit.caller_of(request),
                          outcome=type(error).__name__, seconds=time.perf_counter() - started,
