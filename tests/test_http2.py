@@ -957,3 +957,44 @@ async def test_a_stream_past_its_deadline_ends_deadline_exceeded_and_the_server_
         nursery.cancel_scope.cancel()
     assert statuses == {1: b"4", 3: b"0", 5: b"0"}  # 4: DEADLINE_EXCEEDED
     assert sorted(seen) == [("Method", "OK"), ("Method", "OK"), ("Stream", "DEADLINE_EXCEEDED")]
+
+
+async def test_a_request_that_never_arrives_in_full_is_let_go() -> None:
+    """A client that starts a request and never finishes it would hold its bytes, up to the
+    message size limit a call, as long as its connection lasts: past `request_seconds` the call
+    ends DEADLINE_EXCEEDED, its stream is reset (the client need not send the rest), and the
+    connection goes on serving."""
+    seen: list[tuple[str, str]] = []
+
+    async def echo(raw: bytes, request: RequestReceived) -> bytes:
+        return raw
+
+    server = GrpcServer({"pkg.Service/Method": Method(unary=echo)}, max_request_bytes=1 << 20,
+                        request_seconds=0.3,
+                        observe=lambda method, code, seconds: seen.append((method, code)))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        client.send_headers(1, REQUEST)
+        client.send_data(1, struct.pack(">?I", False, 100_000) + b"x" * 1000)  # 1% of it
+        await sock.send_all(client.data_to_send())
+        events: list[h2.events.Event] = []
+        with trio.fail_after(10):
+            while not any(isinstance(e, h2.events.StreamReset) for e in events):
+                data = await sock.receive_some()
+                assert data, "the server closed the connection"
+                events += client.receive_data(data)
+            assert _trailers(events)[b"grpc-status"] == b"4"  # DEADLINE_EXCEEDED
+            assert b"did%20not%20arrive%20in%20full" in _trailers(events)[b"grpc-message"]
+            client.send_headers(3, REQUEST)
+            client.send_data(3, _message(b"hi"), end_stream=True)
+            await sock.send_all(client.data_to_send())
+            answered: list[h2.events.Event] = []
+            while not any(isinstance(e, h2.events.StreamEnded) for e in answered):
+                answered += client.receive_data(await sock.receive_some())
+            assert _trailers(answered)[b"grpc-status"] == b"0"
+        await sock.aclose()
+        nursery.cancel_scope.cancel()
+    assert seen == [("Method", "DEADLINE_EXCEEDED"), ("Method", "OK")]

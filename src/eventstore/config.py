@@ -54,6 +54,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1024, le=32 * 1024 * 1024 - 1024)] = (
         16 * 1024 * 1024
     )
+    # How long a call's request may take to arrive in full (then DEADLINE_EXCEEDED).
+    request_read_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     read_page_default: Positive = 1000
     read_page_max: Positive = 10_000
     # A read reply stops growing at this many bytes (grpcio's default receive limit is 4 MiB).

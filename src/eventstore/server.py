@@ -110,6 +110,7 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
         grpc_server = GrpcServer(
             {**service.methods(), **health.methods()},
             max_request_bytes=settings.max_request_bytes,
+            request_seconds=settings.request_read_seconds,
             observe=lambda method, code, seconds: metrics.grpc_seconds.labels(
                 method, code).observe(seconds),
             authenticate=authenticator.authenticate,
