@@ -998,3 +998,62 @@ async def test_a_request_that_never_arrives_in_full_is_let_go() -> None:
         await sock.aclose()
         nursery.cancel_scope.cancel()
     assert seen == [("Method", "DEADLINE_EXCEEDED"), ("Method", "OK")]
+
+
+def _parse_frames(buffer: bytes) -> tuple[list[tuple[int, int, int, bytes]], bytes]:
+    """Whole frames at the front of `buffer` (kind, flags, stream, payload), and the rest."""
+    frames = []
+    while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+        length = int.from_bytes(buffer[:3], "big")
+        frames.append((buffer[3], buffer[4], int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF,
+                       buffer[9:9 + length]))
+        buffer = buffer[9 + length:]
+    return frames, buffer
+
+
+async def test_a_server_going_away_says_which_calls_it_took_and_refuses_later_ones() -> None:
+    """At shutdown, once its calls are answered, each connection gets GOAWAY (NO_ERROR) with
+    the last call it took; a call the client sends after it is refused (REFUSED_STREAM: not
+    processed, safe to retry elsewhere), and a connection opened later gets GOAWAY at once."""
+    ran: list[bytes] = []
+
+    async def echo(raw: bytes, request: RequestReceived) -> bytes:
+        ran.append(raw)
+        return raw
+
+    server = GrpcServer({"pkg.Service/Method": Method(unary=echo)}, max_request_bytes=1 << 20)
+
+    async def until(sock: trio.SocketStream, buffer: bytes, kind: int,
+                    ) -> tuple[list[tuple[int, int, int, bytes]], bytes]:
+        seen: list[tuple[int, int, int, bytes]] = []
+        while not any(frame[0] == kind for frame in seen):
+            data = await sock.receive_some()
+            assert data, "the server closed the connection"
+            frames, buffer = _parse_frames(buffer + data)
+            seen += frames
+        return seen, buffer
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        with trio.fail_after(10):
+            sock = await trio.open_tcp_stream("127.0.0.1", port)
+            await sock.send_all(_PREFACE + _raw_frame(0x4, 0x0, 0, b"")
+                                + _call(1, "/pkg.Service/Method", b"a"))
+            seen, buffer = await until(sock, b"", 0x1)  # its answer's headers
+            server.go_away()
+            seen, buffer = await until(sock, buffer, 0x7)
+            (goaway,) = [f for f in seen if f[0] == 0x7]
+            assert struct.unpack(">II", goaway[3][:8]) == (1, 0)  # last stream 1, NO_ERROR
+            await sock.send_all(_call(3, "/pkg.Service/Method", b"b"))
+            seen, buffer = await until(sock, buffer, 0x3)
+            assert [(f[2], int.from_bytes(f[3], "big")) for f in seen if f[0] == 0x3] == [
+                (3, 0x7)]  # REFUSED_STREAM
+            late = await trio.open_tcp_stream("127.0.0.1", port)
+            await late.send_all(_PREFACE + _raw_frame(0x4, 0x0, 0, b""))
+            seen, _ = await until(late, b"", 0x7)
+            (goaway,) = [f for f in seen if f[0] == 0x7]
+            assert struct.unpack(">II", goaway[3][:8]) == (0, 0)
+        assert ran == [b"a"]
+        await sock.aclose()
+        await late.aclose()
+        nursery.cancel_scope.cancel()

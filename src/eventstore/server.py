@@ -159,6 +159,11 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
                     # one whose client stopped reading (its reply blocked by HTTP/2 flow
                     # control) sees it when the client reads again, or not within the grace.
                     await feed.ended()
+                    # The connections end on purpose: GOAWAY (NO_ERROR) says which calls were
+                    # taken, so a client knows a later one was not and may retry it elsewhere.
+                    # Not sooner: h2-based clients (purerpc's, ours) end the connection at a
+                    # GOAWAY and fail the calls still open on it.
+                    grpc_server.go_away()
                     await trio.sleep(FLUSH_SECONDS)
                 if grace.cancelled_caught:
                     log.warning("shutdown grace period over; stopping what is left")

@@ -190,6 +190,8 @@ class ServerConnection:
         self._recv_window = DEFAULT_WINDOW
         self._received = 0  # bytes consumed since the last connection WINDOW_UPDATE
         self._goaway_sent = False
+        # Set by `go_away`: the last stream this connection takes (later ones are refused).
+        self._last_taken: int | None = None
 
     # ----------------------------------------------------------------- purerpc's interface
 
@@ -209,6 +211,15 @@ class ServerConnection:
 
     def bytes_to_send(self) -> int:
         return len(self._out)
+
+    def go_away(self) -> None:
+        """The server is stopping: GOAWAY (NO_ERROR) with the last stream it has taken. The
+        streams open go on to their end; the client opens new ones elsewhere, and knows that
+        none above that id was processed (RFC 9113 §6.8). Later ones are refused."""
+        if self._goaway_sent or self._last_taken is not None:
+            return
+        self._last_taken = self._last_stream_id
+        self._frame(GOAWAY, 0, 0, _GOAWAY.pack(self._last_taken, NO_ERROR))
 
     def unsend(self, data: bytes) -> None:
         """Put back bytes taken by `data_to_send` that could not be sent: they go first."""
@@ -355,7 +366,7 @@ class ServerConnection:
             else:
                 self._frame(RST_STREAM, 0, stream_id, _U32.pack(PROTOCOL_ERROR))
             return
-        if len(self._streams) >= OUR_MAX_CONCURRENT_STREAMS:
+        if len(self._streams) >= OUR_MAX_CONCURRENT_STREAMS or self._last_taken is not None:
             self._frame(RST_STREAM, 0, stream_id, _U32.pack(REFUSED_STREAM))
             return
         request = _request(stream_id, headers)

@@ -473,6 +473,11 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
             if refused:
                 await self._socket.flush()
 
+    def go_away(self) -> None:
+        """GOAWAY to the client, sent by the writer task (see `GrpcServer.go_away`)."""
+        self._grpc_connection.go_away()
+        self._socket._flush_event.set()
+
     def forget(self, stream: _EagerStream) -> None:
         """A finished handler's stream: purerpc keeps it until both sides have closed, which
         a stream reset by the client never does. Messages it never read (a call answered
@@ -514,6 +519,9 @@ class GrpcServer:
                  request_seconds: float = REQUEST_SECONDS) -> None:
         self._methods = methods
         self._request_seconds = request_seconds
+        # The connections open, to be told when the server stops (`go_away`).
+        self._sockets: set[_Socket] = set()
+        self._going_away = False
         self._max_reset_running = max_reset_running
         self._authenticate = authenticate
         # Told (method, peer, reason) of every call refused as unauthenticated (the audit log).
@@ -542,9 +550,14 @@ class GrpcServer:
     async def _connection(self, byte_stream: anyio.abc.ByteStream) -> None:
         peer = _peer_of(byte_stream)
         certificate = byte_stream.extra(TLSAttribute.peer_certificate, None)
+        socket: _Socket | None = None
         try:
             async with _Socket(self._config, byte_stream,
                                self._max_reset_running) as grpc_socket:
+                socket = grpc_socket
+                self._sockets.add(socket)
+                if self._going_away:
+                    socket.go_away()
                 async with trio.open_nursery() as nursery:
                     async for stream in grpc_socket.listen():
                         nursery.start_soon(self._request, grpc_socket, stream, peer,
@@ -558,10 +571,21 @@ class GrpcServer:
             # A peer that resets or speaks bad HTTP/2 only ends its own connection.
             log.debug("gRPC connection ended: %s", type(exc).__name__)
         finally:
+            if socket is not None:
+                self._sockets.discard(socket)
             # purerpc does not close the socket; without this the peer sees no EOF and the
             # descriptor lives until garbage collection.
             with trio.CancelScope(shield=True):
                 await byte_stream.aclose()
+
+    def go_away(self) -> None:
+        """The server is stopping: every connection gets GOAWAY (NO_ERROR) with the last call
+        it has taken, and later calls on it are refused (REFUSED_STREAM, which a client may
+        retry elsewhere); a connection opened from now on gets GOAWAY at once. The calls
+        taken go on to their end."""
+        self._going_away = True
+        for socket in list(self._sockets):
+            socket.go_away()
 
     async def _request(self, grpc_socket: _Socket, stream: _EagerStream, peer: str,
                        certificate: Any) -> None:
