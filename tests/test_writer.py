@@ -384,3 +384,18 @@ async def test_text_is_stored_right_on_a_database_not_in_utf8(
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT DISTINCT event_type, data->>'name' FROM events").fetchall()
     assert rows == [("Créé", "café")]
+
+
+def test_connections_ask_tcp_to_notice_a_vanished_database_host(database_url: str) -> None:
+    """A database host that vanishes without closing its connections must be noticed in
+    seconds, not the system's hours: the writer's commit is never abandoned, so no append
+    would be answered meanwhile. (The embedded cluster here listens on a Unix socket, where
+    libpq ignores these; over TCP they become SO_KEEPALIVE, TCP_KEEPIDLE… on the socket.)"""
+    from eventstore.db.connection import TCP_KEEPALIVES, connect
+
+    with connect(database_url) as conn:
+        parameters = conn.info.get_parameters()
+    assert {k: int(parameters[k]) for k in TCP_KEEPALIVES} == TCP_KEEPALIVES
+    assert TCP_KEEPALIVES["keepalives"] == 1
+    assert TCP_KEEPALIVES["keepalives_idle"] + (
+        TCP_KEEPALIVES["keepalives_interval"] * TCP_KEEPALIVES["keepalives_count"]) <= 60

@@ -18,6 +18,17 @@ APPLICATION_NAME = "eventstore"
 #   REPEATABLE READ default two servers picked the same positions).
 SESSION_OPTIONS = "-c client_encoding=UTF8 -c default_transaction_isolation=read\\ committed"
 
+# A database host that vanishes without closing its connections (a network partition, a host
+# that lost power) is noticed by TCP alone: keepalive probes after 10 s idle (a commit waiting
+# for its answer is idle), dropped after 3 unanswered 5 s apart; sent data unacknowledged for
+# 30 s drops the connection too. Without these the writer's commit, which is never abandoned,
+# could wait for the system's defaults (hours) and no append would be answered meanwhile.
+# libpq ignores them on Unix-domain sockets.
+TCP_KEEPALIVES: dict[str, int] = {
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
 
 def connect(url: str, *, statement_timeout_ms: int = 0, autocommit: bool = False,
             connect_timeout: int = 5, prepare: bool = True,
@@ -40,6 +51,7 @@ def connect(url: str, *, statement_timeout_ms: int = 0, autocommit: bool = False
         application_name=application_name,
         connect_timeout=connect_timeout,
         options=" ".join(settings),
+        **TCP_KEEPALIVES,  # type: ignore[arg-type]
     )
     if not prepare:
         conn.prepare_threshold = None
