@@ -4,6 +4,8 @@ counters."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -71,9 +73,18 @@ class Metrics:
             "eventstore_snapshots_saved_total", "Snapshots saved by this server.", registry=r)
         self.snapshots_deleted = Counter(
             "eventstore_snapshots_deleted_total", "Snapshots deleted by retention.", registry=r)
+        self._grpc_children: dict[tuple[str, str], Any] = {}
         self.database_up = Gauge(
             "eventstore_database_up", "1 when the database answered the last health check.",
             registry=r)
+
+    def observe_grpc(self, method: str, code: str, seconds: float) -> None:
+        """One call's duration by method and status code. The labelled histograms are kept
+        here: prometheus_client's `labels` takes a lock and builds a key for every call."""
+        child = self._grpc_children.get((method, code))
+        if child is None:
+            child = self._grpc_children[(method, code)] = self.grpc_seconds.labels(method, code)
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         return bytes(generate_latest(self.registry))

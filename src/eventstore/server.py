@@ -111,8 +111,7 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
             {**service.methods(), **health.methods()},
             max_request_bytes=settings.max_request_bytes,
             request_seconds=settings.request_read_seconds,
-            observe=lambda method, code, seconds: metrics.grpc_seconds.labels(
-                method, code).observe(seconds),
+            observe=metrics.observe_grpc,
             authenticate=authenticator.authenticate,
             refused=audit.refused,
         )

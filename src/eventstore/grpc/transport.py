@@ -274,9 +274,11 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
             self._window_waiter.set()
 
     def request_complete(self) -> bool:
-        """Whether the request's end has arrived (then reading it cannot wait)."""
-        return self._end_stream_event is not None or any(
-            isinstance(event, RequestEnded) for event in self._incoming)
+        """Whether the request's end has arrived (then reading it cannot wait). The end is
+        the last event a stream is given."""
+        incoming = self._incoming
+        return self._end_stream_event is not None or (
+            bool(incoming) and isinstance(incoming[-1], RequestEnded))
 
     def unread(self) -> list[Any]:
         """Take the events nobody read."""

@@ -394,9 +394,13 @@ class AppendWriter:
                  seconds: float) -> None:
         metrics.commit_seconds.observe(seconds)
         metrics.batch_requests.observe(len(batch))
-        for outcome in outcomes:
-            label = "ok" if isinstance(outcome, bytes) else type(outcome).__name__
-            metrics.append_requests.labels(label).inc()
+        ok = sum(1 for outcome in outcomes if isinstance(outcome, bytes))
+        if ok:
+            metrics.append_requests.labels("ok").inc(ok)
+        if ok < len(outcomes):
+            for outcome in outcomes:
+                if not isinstance(outcome, bytes):
+                    metrics.append_requests.labels(type(outcome).__name__).inc()
 
     def _resolve(self, batch: Sequence[PendingAppend], outcomes: Sequence[Outcome]) -> None:
         for pending, outcome in zip(batch, outcomes, strict=True):
