@@ -1057,3 +1057,81 @@ async def test_a_server_going_away_says_which_calls_it_took_and_refuses_later_on
         await sock.aclose()
         await late.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_sends_calls_but_reads_nothing_gets_few_of_them_run() -> None:
+    """Replies wait for a client that does not read, so the connection stops reading that
+    client's calls (and starting their handlers) while it owes it over 1 MiB — counting the
+    bytes being written, not only those framed (else each call ran and held its reply: 2,000
+    calls, 2 GiB)."""
+    made = 0
+
+    async def big(raw: bytes, request: RequestReceived) -> bytes:
+        nonlocal made
+        made += 1
+        return b"\xab" * (1 << 20)
+
+    server = GrpcServer({"pkg.Service/Method": Method(unary=big)}, max_request_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sock = await _slow_reader(port)
+        await sock.send(_PREFACE + _HUGE_WINDOWS)
+        sent = 0
+        for i in range(100):
+            with trio.move_on_after(0.5):
+                await sock.send(_call(1 + 2 * i, "/pkg.Service/Method", b"go"))
+                sent += 1
+                await trio.testing.wait_all_tasks_blocked(0.01)
+                continue
+            break  # the client's own socket buffer is full: the server reads no more
+        await trio.testing.wait_all_tasks_blocked(0.1)
+        assert sent > 20 and made < 16, f"{made} handlers ran for {sent} calls"
+        sock.close()
+        nursery.cancel_scope.cancel()
+
+
+def test_a_goaway_after_going_away_keeps_the_last_stream_taken() -> None:
+    """RFC 9113 §6.8: the last stream id of a later GOAWAY may not be higher. A protocol error
+    after `go_away` names the last stream taken, not the last one refused."""
+    server, client = _pair()
+    client.send_headers(1, REQUEST, end_stream=True)
+    server.receive_data(client.data_to_send())
+    server.go_away()
+    client.send_headers(3, REQUEST, end_stream=True)
+    server.receive_data(client.data_to_send())  # refused
+    with pytest.raises(Http2ConnectionError):
+        server.receive_data(_raw_frame(0x8, 0x0, 0, b"\0\0\0\0"))  # WINDOW_UPDATE of 0
+    frames, _ = _parse_frames(server.data_to_send())
+    goaways = [struct.unpack(">II", f[3][:8]) for f in frames if f[0] == 0x7]
+    assert goaways == [(1, 0), (1, 0x1)]  # NO_ERROR, then PROTOCOL_ERROR; both stream 1
+
+
+async def test_a_stream_past_its_deadline_in_the_middle_of_a_message_is_reset() -> None:
+    """A deadline that passes while a message waits for the client's window ends the call
+    with RST_STREAM CANCEL: a status after half a message would be misread."""
+
+    async def large(raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
+        yield b"\xab" * (1 << 20)  # more than h2's 64 KiB window, which the client never opens
+
+    server = GrpcServer({"pkg.Service/Stream": Method(stream=large)}, max_request_bytes=1 << 20)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    headers = [(n, "/pkg.Service/Stream" if n == ":path" else v) for n, v in REQUEST]
+    client.send_headers(1, [*headers, ("grpc-timeout", "200m")])
+    client.send_data(1, _message(b"s"), end_stream=True)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        await sock.send_all(client.data_to_send())
+        events: list[h2.events.Event] = []
+        with trio.fail_after(10):
+            while not any(isinstance(e, h2.events.StreamReset | h2.events.TrailersReceived)
+                          for e in events):
+                data = await sock.receive_some()
+                assert data, "the server closed the connection"
+                events += client.receive_data(data)
+        await sock.aclose()
+        nursery.cancel_scope.cancel()
+    assert [(e.stream_id, e.error_code) for e in events
+            if isinstance(e, h2.events.StreamReset)] == [(1, h2.errors.ErrorCodes.CANCEL)]
+    assert not any(isinstance(e, h2.events.TrailersReceived) for e in events)

@@ -59,6 +59,8 @@ def migrate(url: str) -> list[str]:
 # After in-flight appends are answered and every subscription has ended, how long the last
 # replies and the subscriptions' UNAVAILABLE endings get to reach their clients.
 FLUSH_SECONDS = 0.5
+# How long the GOAWAYs get before the connections close.
+GOAWAY_SECONDS = 0.05
 
 
 async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
@@ -158,14 +160,16 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
                     # one whose client stopped reading (its reply blocked by HTTP/2 flow
                     # control) sees it when the client reads again, or not within the grace.
                     await feed.ended()
-                    # The connections end on purpose: GOAWAY (NO_ERROR) says which calls were
-                    # taken, so a client knows a later one was not and may retry it elsewhere.
-                    # Not sooner: h2-based clients (purerpc's, ours) end the connection at a
-                    # GOAWAY and fail the calls still open on it.
-                    grpc_server.go_away()
                     await trio.sleep(FLUSH_SECONDS)
                 if grace.cancelled_caught:
                     log.warning("shutdown grace period over; stopping what is left")
+                # The connections end on purpose: GOAWAY (NO_ERROR) says which calls were
+                # taken, so a client knows a later one was not and may retry it elsewhere. Not
+                # before the replies have left: h2-based clients (purerpc's, ours) end the
+                # connection at a GOAWAY and fail the calls still open on it — an append
+                # answered by the writer whose reply was still to be sent, too.
+                grpc_server.go_away()
+                await trio.sleep(GOAWAY_SECONDS)
                 nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(reader.close)

@@ -30,6 +30,12 @@ TCP_KEEPALIVES: dict[str, int] = {
 }
 
 
+def keepalives_for(url: str) -> dict[str, int]:
+    """`TCP_KEEPALIVES`, less what `url` sets itself (the operator's word wins)."""
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    return {key: value for key, value in TCP_KEEPALIVES.items() if key not in given}
+
+
 def connect(url: str, *, statement_timeout_ms: int = 0, autocommit: bool = False,
             connect_timeout: int = 5, prepare: bool = True,
             application_name: str = APPLICATION_NAME) -> psycopg.Connection[TupleRow]:
@@ -51,7 +57,7 @@ def connect(url: str, *, statement_timeout_ms: int = 0, autocommit: bool = False
         application_name=application_name,
         connect_timeout=connect_timeout,
         options=" ".join(settings),
-        **TCP_KEEPALIVES,  # type: ignore[arg-type]
+        **keepalives_for(url),  # type: ignore[arg-type]
     )
     if not prepare:
         conn.prepare_threshold = None

@@ -59,7 +59,7 @@ END_HEADERS = 0x4
 # Error codes (§7).
 NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR = (
     0x0, 0x1, 0x3, 0x5, 0x6)
-REFUSED_STREAM = 0x7
+REFUSED_STREAM, CANCEL = 0x7, 0x8
 
 # Settings (§6.5.2).
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
@@ -559,8 +559,9 @@ class ServerConnection:
     def _connection_error(self, code: int, message: str) -> Http2ConnectionError:
         if not self._goaway_sent:
             self._goaway_sent = True
-            self._frame(GOAWAY, 0, 0,
-                        _GOAWAY.pack(self._last_stream_id, code) + message.encode()[:256])
+            # After `go_away`, the last stream taken: a later GOAWAY may not raise it (§6.8).
+            last = self._last_stream_id if self._last_taken is None else self._last_taken
+            self._frame(GOAWAY, 0, 0, _GOAWAY.pack(last, code) + message.encode()[:256])
         return Http2ConnectionError(code, message)
 
     def _encodings(self) -> bool:

@@ -41,6 +41,7 @@ from eventstore.auth.principals import ANONYMOUS, Principal
 from eventstore.auth.tls import QuietTLSListener
 from eventstore.errors import EventStoreError, LimitExceeded
 from eventstore.grpc.http2 import (
+    CANCEL,
     REFUSED_STREAM,
     Http2ConnectionError,
     ServerConnection,
@@ -250,8 +251,10 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         self._arrival: trio.Event | None = None
         self._response_started = False
         # Whether the response has ended (its status framed): a call's deadline passing
-        # after that changes nothing.
+        # after that changes nothing. Whether a message is framed only in part (it waits for
+        # the client's window): a status after it would follow half a message.
         self.answered = False
+        self.partly_sent = False
         self._state = GRPCStreamState.OPEN
         self._start_stream_event = None
         self._end_stream_event = None
@@ -272,6 +275,11 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         samples at batch 1 × 64 clients)."""
         if self._window_waiter is not None:
             self._window_waiter.set()
+
+    def reset(self, code: int) -> None:
+        """End the stream with RST_STREAM `code`, sent by the writer task."""
+        self._grpc_connection.reset_stream(self._stream_id, code)
+        self._socket._flush_event.set()
 
     def request_complete(self) -> bool:
         """Whether the request's end has arrived (then reading it cannot wait). The end is
@@ -383,6 +391,7 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         connection = self._grpc_connection
         view = memoryview(message)
         sent = 0
+        self.partly_sent = True
         while sent < len(view):
             window = connection.flow_control_window(self._stream_id)
             if window <= 0:
@@ -392,6 +401,7 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
             chunk = view[sent:sent + window]
             connection.send_data(self._stream_id, chunk)
             sent += len(chunk)
+        self.partly_sent = False
 
 
 class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
@@ -474,6 +484,12 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     known._close_remote()
             if refused:
                 await self._socket.flush()
+            if self._socket.backlogged():
+                # A client that sends calls but does not read their replies: stop reading it
+                # (and so starting handlers for it) until what it is owed has left. Replies
+                # wait for the backlog before they are framed, so the bytes the writer task is
+                # sending count too, not only those still framed.
+                await self._socket.wait_backlog()
 
     def go_away(self) -> None:
         """GOAWAY to the client, sent by the writer task (see `GrpcServer.go_away`)."""
@@ -644,8 +660,12 @@ class GrpcServer:
                     if not stream.was_reset and not stream.answered:  # the deadline passed
                         code = "DEADLINE_EXCEEDED"
                         with contextlib.suppress(*CLIENT_GONE):
-                            await stream.close(Status(StatusCode.DEADLINE_EXCEEDED,
-                                                      status_message="the deadline passed"))
+                            if stream.partly_sent:  # no status after half a message
+                                stream.reset(CANCEL)
+                            else:
+                                await stream.close(Status(
+                                    StatusCode.DEADLINE_EXCEEDED,
+                                    status_message="the deadline passed"))
         except trio.Cancelled:
             code = "CANCELLED"  # the client's connection ended (or the server stops)
             raise

@@ -29,7 +29,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from eventstore._es_codec import encode_event_list, encode_events
 from eventstore.config import Settings
 from eventstore.db import libpq
-from eventstore.db.connection import APPLICATION_NAME, SESSION_OPTIONS, TCP_KEEPALIVES
+from eventstore.db.connection import APPLICATION_NAME, SESSION_OPTIONS, keepalives_for
 from eventstore.db.errors import is_connection_error, result_error, to_domain
 from eventstore.metrics import Metrics
 from eventstore.store.live import LiveEvent, Selector
@@ -181,7 +181,7 @@ class Reader:
         self._url = url
         self._connect_kwargs: dict[str, object] = {
             "application_name": APPLICATION_NAME, "options": options, "connect_timeout": 5,
-            **TCP_KEEPALIVES}
+            **keepalives_for(url)}
         self._pool: ConnectionPool[Conn] = ConnectionPool(
             url,
             min_size=1,

@@ -24,7 +24,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from eventstore import audit
 from eventstore.config import Settings
-from eventstore.db.connection import APPLICATION_NAME, SESSION_OPTIONS, TCP_KEEPALIVES
+from eventstore.db.connection import APPLICATION_NAME, SESSION_OPTIONS, keepalives_for
 from eventstore.db.errors import is_connection_error, to_domain
 from eventstore.errors import (
     AlreadyExists,
@@ -101,7 +101,7 @@ class Snapshots:
         self._pool: ConnectionPool[Conn] = ConnectionPool(
             url, min_size=1, max_size=2, open=False, name="eventstore-snapshots",
             kwargs={"application_name": APPLICATION_NAME, "options": options,
-                    "connect_timeout": 5, **TCP_KEEPALIVES},
+                    "connect_timeout": 5, **keepalives_for(url)},
         )
         self._limiter = trio.CapacityLimiter(2)
 

@@ -254,6 +254,9 @@ class AppendWriter:
         self._has_work = trio.Event()
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._backend_pid: int | None = None
+        # The writer connection's backend as pg_stat_activity names it (pid, backend_start):
+        # a pid alone may be another session's by the time it is looked for.
+        self._backend: tuple[int, datetime] | None = None
         self._accepting = True
         self._busy = False
         self._batch_done = trio.Event()
@@ -416,6 +419,12 @@ class AppendWriter:
                 prepare=False,
             )
             self._backend_pid = self._conn.info.backend_pid
+            self._backend = None
+            row = self._conn.execute("SELECT pid, backend_start FROM pg_stat_activity"
+                                     " WHERE pid = pg_backend_pid()").fetchone()
+            self._conn.rollback()
+            if row is not None and row[1] is not None:
+                self._backend = (int(row[0]), row[1])
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -471,7 +480,7 @@ class AppendWriter:
                 check_all_ids = True
                 continue
             except _OutcomeUnknown as unknown:
-                lost_backend = self._backend_pid
+                lost_backend = self._backend
                 self._drop_connection()
                 reconciled = self._reconcile(unknown, deadline, lost_backend)
                 if reconciled is not None:
@@ -496,7 +505,7 @@ class AppendWriter:
             delay = min(delay * 2, 1.0)
 
     def _reconcile(self, unknown: _OutcomeUnknown, deadline: float,
-                   lost_backend: int | None) -> list[Outcome] | None:
+                   lost_backend: tuple[int, datetime] | None) -> list[Outcome] | None:
         """After a COMMIT whose outcome is unknown: the planned outcomes if the batch is stored,
         None if it is not (then it is simply retried), UNAVAILABLE if we cannot tell.
 
@@ -511,7 +520,7 @@ class AppendWriter:
         while True:
             try:
                 conn = self._connection()
-                if lost_backend is not None and lost_backend != self._backend_pid:
+                if lost_backend is not None and lost_backend != self._backend:
                     if not self._ended(conn, lost_backend):
                         raise _BackendLives()
                     lost_backend = None
@@ -554,12 +563,21 @@ class AppendWriter:
         ]
 
     @staticmethod
-    def _ended(conn: psycopg.Connection[TupleRow], backend: int) -> bool:
+    def _ended(conn: psycopg.Connection[TupleRow], backend: tuple[int, datetime]) -> bool:
         """Ask the backend of a lost connection to end (aborting what it has not committed);
-        whether it has gone."""
+        whether it has gone. Without the right to end it (another role's backend), it is only
+        waited for: looking for the batch while it may still commit could answer wrong."""
+        pid, started = backend
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                        " WHERE pid = %s", (backend,))
+            try:
+                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE pid = %s AND backend_start = %s", (pid, started))
+            except psycopg.errors.InsufficientPrivilege:
+                conn.rollback()
+                log.warning("cannot end the lost writer connection's backend %d; waiting for"
+                            " it to end", pid)
+                cur.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s"
+                            " AND backend_start = %s", (pid, started))
             ended = cur.fetchone() is None
         conn.rollback()
         return ended
