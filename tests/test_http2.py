@@ -1135,3 +1135,37 @@ async def test_a_stream_past_its_deadline_in_the_middle_of_a_message_is_reset() 
     assert [(e.stream_id, e.error_code) for e in events
             if isinstance(e, h2.events.StreamReset)] == [(1, h2.errors.ErrorCodes.CANCEL)]
     assert not any(isinstance(e, h2.events.TrailersReceived) for e in events)
+
+
+async def test_a_client_that_writes_a_large_request_before_reading_is_read() -> None:
+    """While a connection owes its client over 1 MiB it starts no new calls, but goes on
+    reading: a client that writes a whole large request before it reads (a sequential client)
+    would otherwise wait for the server while the server waits for it."""
+
+    async def big(raw: bytes, request: RequestReceived) -> bytes:
+        return b"\xab" * (4 << 20)
+
+    async def echo(raw: bytes, request: RequestReceived) -> bytes:
+        return b"ok"
+
+    server = GrpcServer({"pkg.Service/Big": Method(unary=big),
+                         "pkg.Service/Echo": Method(unary=echo)}, max_request_bytes=16 << 20)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sock = await _slow_reader(port)
+        await sock.send(_PREFACE + _HUGE_WINDOWS + _call(1, "/pkg.Service/Big", b"go"))
+        await trio.testing.wait_all_tasks_blocked(0.2)  # the reply fills the socket
+        headers = [(n, "/pkg.Service/Echo" if n == ":path" else v) for n, v in REQUEST]
+        body = b"\0" * (8 << 20)
+        message = struct.pack(">?I", False, len(body)) + body
+        data = memoryview(_raw_frame(0x1, 0x4, 3, _literals(headers)) + b"".join(
+            _raw_frame(0x0, 0x1 if at + (1 << 20) >= len(message) else 0x0, 3,
+                       message[at:at + (1 << 20)])
+            for at in range(0, len(message), 1 << 20)))
+        sent = 0
+        with trio.move_on_after(10):
+            while sent < len(data):
+                sent += await sock.send(data[sent:])
+        assert sent == len(data), f"the server stopped reading after {sent} bytes"
+        sock.close()
+        nursery.cancel_scope.cancel()

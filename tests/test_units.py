@@ -463,3 +463,36 @@ def test_bound_literals_refuse_what_they_cannot_write() -> None:
     for query, params in (("SELECT %s, %s", (1,)), ("SELECT %s", (1, 2)), ("SELECT %d", (1,))):
         with pytest.raises(ValueError, match="query"):
             bind(query, params)
+
+
+async def test_a_send_that_empties_the_backlog_wakes_who_waits_for_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`send_now` may send the whole backlog at once, with no send of the writer task to wake
+    the callers waiting for the backlog (a call about to start, a reply about to be framed):
+    it wakes them itself, or they would wait with nothing owed."""
+    from eventstore.grpc import transport
+
+    monkeypatch.setattr(transport, "_MAX_UNSENT", 16 * 1024)  # the logic, not the size
+    listeners = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    listener = listeners.listeners[0]
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listeners, await anyio.connect_tcp("127.0.0.1", port) as client:
+        async with await listener.accept() as stream:  # type: ignore[attr-defined]
+            connection = ServerConnection(GRPCConfiguration(client_side=False))
+            eager = _EagerSocket(connection, stream)
+            for _ in range(5):  # the two run in either order within a scheduling round
+                connection._out += b"x" * (32 * 1024)
+                woken = trio.Event()
+
+                async def waiter(woken: trio.Event) -> None:
+                    await eager.wait_backlog()
+                    woken.set()
+
+                with trio.fail_after(5):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(waiter, woken)
+                        nursery.start_soon(eager.send_now)
+                    await woken.wait()
+                    received = 0
+                    while received < 32 * 1024:
+                        received += len(await client.receive())

@@ -182,6 +182,8 @@ class _EagerSocket(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
             if not data:
                 return False
             sent = self._send_at_once(data)
+            if sent:
+                self._wake_senders()  # the backlog shrank: waiters look again
             if sent < len(data):
                 # The socket takes no more now (a slow reader; or TLS, whose bytes this task
                 # does not write itself): the writer task sends the rest, first, so bytes keep
@@ -391,7 +393,6 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         connection = self._grpc_connection
         view = memoryview(message)
         sent = 0
-        self.partly_sent = True
         while sent < len(view):
             window = connection.flow_control_window(self._stream_id)
             if window <= 0:
@@ -401,6 +402,7 @@ class _EagerStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
             chunk = view[sent:sent + window]
             connection.send_data(self._stream_id, chunk)
             sent += len(chunk)
+            self.partly_sent = True
         self.partly_sent = False
 
 
@@ -484,12 +486,6 @@ class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     known._close_remote()
             if refused:
                 await self._socket.flush()
-            if self._socket.backlogged():
-                # A client that sends calls but does not read their replies: stop reading it
-                # (and so starting handlers for it) until what it is owed has left. Replies
-                # wait for the backlog before they are framed, so the bytes the writer task is
-                # sending count too, not only those still framed.
-                await self._socket.wait_backlog()
 
     def go_away(self) -> None:
         """GOAWAY to the client, sent by the writer task (see `GrpcServer.go_away`)."""
@@ -695,7 +691,14 @@ class GrpcServer:
     async def _handle(self, stream: _EagerStream, event: RequestReceived,
                       method: Method, certificate: Any) -> str:
         """Read the call's request, run its handler and answer; the status code it ended with
-        (a cancellation propagates)."""
+        (a cancellation propagates).
+
+        A call starts only while the connection owes its client at most `_MAX_UNSENT` bytes:
+        a client that sends calls but does not read their replies gets few of them run, and
+        none holds a reply meanwhile. (The connection goes on reading it: a client may write
+        a large request before it reads.)"""
+        if stream._socket.backlogged():
+            await stream._socket.wait_backlog()
         try:
             if self._authenticate is not None and not method.public:
                 # Before the request is read: an unknown caller learns nothing about it.

@@ -420,9 +420,14 @@ class AppendWriter:
             )
             self._backend_pid = self._conn.info.backend_pid
             self._backend = None
-            row = self._conn.execute("SELECT pid, backend_start FROM pg_stat_activity"
-                                     " WHERE pid = pg_backend_pid()").fetchone()
-            self._conn.rollback()
+            try:
+                row = self._conn.execute("SELECT pid, backend_start FROM pg_stat_activity"
+                                         " WHERE pid = pg_backend_pid()").fetchone()
+                self._conn.rollback()
+            except Exception:
+                # Not a connection to commit on without knowing its backend (see _reconcile).
+                self._drop_connection()
+                raise
             if row is not None and row[1] is not None:
                 self._backend = (int(row[0]), row[1])
         return self._conn
