@@ -231,10 +231,14 @@ def insert_commit(url: str, seconds: float, max_rows: int) -> float:
         return rows / (time.perf_counter() - t0)
 
 
+def reading_channel(port: int) -> grpc.aio.Channel:
+    """A channel for reads: replies up to 64 MiB (grpcio's default limit is 4 MiB)."""
+    return grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)])
+
+
 async def get_events_load(port: int, stream: str, rounds: int) -> float:
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
-    ) as channel:
+    async with reading_channel(port) as channel:
         call = channel.unary_unary(SERVICE + "GetEvents",
                                    request_serializer=pb.GetEventsRequest.SerializeToString,
                                    response_deserializer=pb.GetEventsResponse.FromString)

@@ -35,7 +35,7 @@ import grpc
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core import SERVICE, new_events, settle, start_server, stop_process
+from core import SERVICE, new_events, reading_channel, settle, start_server, stop_process
 from paired import paired
 from progress import step
 
@@ -197,9 +197,7 @@ def seed(url: str, total: int) -> None:
 
 
 async def catch_up(port: int, total: int) -> float:
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
-    ) as channel:
+    async with reading_channel(port) as channel:
         call = channel.unary_stream(SERVICE + "SubscribeToAll",
                                     request_serializer=pb.SubscribeAllRequest.SerializeToString,
                                     response_deserializer=pb.EventNotification.FromString)
@@ -224,9 +222,7 @@ async def read_all(port: int, total: int, page: int = 1_000) -> float:
     """Events/s of one client paging through the whole store (`total` events: the head
     position, as positions are dense) with ReadAll, one page after the other (the way a
     projection rebuilds from the start)."""
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
-    ) as channel:
+    async with reading_channel(port) as channel:
         call = channel.unary_unary(SERVICE + "ReadAll",
                                    request_serializer=pb.ReadAllRequest.SerializeToString,
                                    response_deserializer=pb.ReadAllResponse.FromString)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+import psycopg
 import trio
 
 from eventstore.v1 import eventstore_pb2 as pb
@@ -73,6 +74,19 @@ async def read_all(api: Any, after: int = 0, page: int = 1000,
         if not reply.has_more:
             return out
     raise AssertionError("too many pages")
+
+
+async def until_the_append_lock_is_awaited(database_url: str) -> None:
+    """Wait until some session waits for the append lock (an advisory lock another session
+    holds): the writer's commit has reached it."""
+    with psycopg.connect(database_url, autocommit=True) as watcher:
+        for _ in range(500):
+            row = watcher.execute("SELECT count(*) FROM pg_locks WHERE locktype ="
+                                  " 'advisory' AND NOT granted").fetchone()
+            if row and row[0]:
+                return
+            await trio.sleep(0.02)
+    raise AssertionError("the append never reached the lock")
 
 
 def sid() -> str:

@@ -3,8 +3,10 @@ readiness through a database outage."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -17,7 +19,7 @@ from eventstore.client import EventStoreClient, NewEvent, Unavailable
 from eventstore.embedded import EmbeddedPostgres
 from eventstore.server import ServerInfo, serve
 from tests.conftest import make_settings
-from tests.helpers import get, health_check
+from tests.helpers import get, health_check, until_the_append_lock_is_awaited
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -145,6 +147,24 @@ async def test_database_outage_is_reported_and_recovers_by_itself(
         assert result.next_expected_version == 1
 
 
+@contextlib.contextmanager
+def _audit_line() -> Iterator[trio.Event]:
+    """An event set when the next audit line is written (the server runs in the test's event
+    loop: same thread)."""
+    audited = trio.Event()
+
+    class Audited(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            audited.set()
+
+    audit_log = logging.getLogger("eventstore.audit")
+    audit_log.addHandler(handler := Audited())
+    try:
+        yield audited
+    finally:
+        audit_log.removeHandler(handler)
+
+
 async def test_an_append_whose_client_leaves_mid_commit_is_stored_and_audited(
         server: ServerInfo, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """The client's connection ends while its append waits for the commit (here: behind the
@@ -160,13 +180,6 @@ async def test_an_append_whose_client_leaves_mid_commit_is_stored_and_audited(
     from tests.helpers import events
 
     caplog.set_level("INFO", logger="eventstore.audit")
-    audited = trio.Event()
-
-    class Audited(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            audited.set()  # the server runs in this test's event loop: same thread
-
-    logging.getLogger("eventstore.audit").addHandler(handler := Audited())
     stream = str(uuid.uuid4())
     body = pb.AppendEventsRequest(stream_id=stream, stream_type="Deck",
                                   events=events(2)).SerializeToString()
@@ -177,27 +190,17 @@ async def test_an_append_whose_client_leaves_mid_commit_is_stored_and_audited(
                             (":authority", "127.0.0.1"), ("content-type", "application/grpc"),
                             ("te", "trailers")])
     client.send_data(1, struct.pack(">?I", False, len(body)) + body, end_stream=True)
-    with psycopg.connect(database_url) as holder:
-        holder.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
-        sock = await trio.open_tcp_stream("127.0.0.1", server.port)
-        await sock.send_all(client.data_to_send())
-        with psycopg.connect(database_url, autocommit=True) as watcher:
-            for _ in range(500):  # until the writer's commit waits for the lock
-                row = watcher.execute("SELECT count(*) FROM pg_locks WHERE locktype ="
-                                      " 'advisory' AND NOT granted").fetchone()
-                if row and row[0]:
-                    break
-                await trio.sleep(0.02)
-            else:
-                raise AssertionError("the append never reached the lock")
-        await sock.aclose()  # the client goes; the server cancels what waits for it
-        await trio.sleep(0.3)
-        holder.rollback()  # the lock goes
-    try:
+    with _audit_line() as audited:
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
+            sock = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await sock.send_all(client.data_to_send())
+            await until_the_append_lock_is_awaited(database_url)
+            await sock.aclose()  # the client goes; the server cancels what waits for it
+            await trio.sleep(0.3)
+            holder.rollback()  # the lock goes
         with trio.fail_after(10):
             await audited.wait()
-    finally:
-        logging.getLogger("eventstore.audit").removeHandler(handler)
     (record,) = [r for r in caplog.records if r.name == "eventstore.audit"]
     assert (record.operation, record.outcome, record.stream_id, record.event_count) == (
         "append", "ok", stream, 2)
@@ -308,12 +311,6 @@ async def test_an_append_past_its_deadline_is_still_stored_and_audited(
     from tests.helpers import append_request, events
 
     caplog.set_level("INFO", logger="eventstore.audit")
-    audited = trio.Event()
-
-    class Audited(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            audited.set()
-
     stream = str(uuid.uuid4())
     request = append_request(stream, events(2, with_ids=True), None, stream_type="Deck")
 
@@ -329,16 +326,13 @@ async def test_an_append_past_its_deadline_is_still_stored_and_audited(
                 return str(exc.code().name)  # type: ignore[attr-defined]
             return "OK"
 
-    logging.getLogger("eventstore.audit").addHandler(handler := Audited())
-    try:
+    with _audit_line() as audited:
         with psycopg.connect(database_url) as holder:
             holder.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
             assert await trio.to_thread.run_sync(append_with_deadline) == "DEADLINE_EXCEEDED"
             holder.rollback()  # the lock goes
         with trio.fail_after(10):
             await audited.wait()
-    finally:
-        logging.getLogger("eventstore.audit").removeHandler(handler)
     (record,) = [r for r in caplog.records if r.name == "eventstore.audit"]
     assert (record.operation, record.outcome, record.stream_id, record.event_count) == (
         "append", "ok", stream, 2)

@@ -20,7 +20,14 @@ from eventstore.metrics import Metrics
 from eventstore.store.writer import INSERT_MAX_EVENTS, AppendWriter
 from eventstore.v1 import eventstore_pb2 as pb
 from tests.conftest import PgCluster, make_settings
-from tests.helpers import STREAM_TYPE, append_request, events, new_event, sid
+from tests.helpers import (
+    STREAM_TYPE,
+    append_request,
+    events,
+    new_event,
+    sid,
+    until_the_append_lock_is_awaited,
+)
 
 
 class Writer:
@@ -259,15 +266,7 @@ async def _append_cut_behind_the_lock(writer: Writer, database_url: str, stream:
         holder.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(blocked)
-            with psycopg.connect(database_url, autocommit=True) as watcher:
-                for _ in range(500):  # until the writer's backend waits for the lock
-                    row = watcher.execute("SELECT count(*) FROM pg_locks WHERE locktype ="
-                                          " 'advisory' AND NOT granted").fetchone()
-                    if row and row[0]:
-                        break
-                    await trio.sleep(0.02)
-                else:
-                    raise AssertionError("the append never reached the lock")
+            await until_the_append_lock_is_awaited(database_url)
             _cut(writer.writer)
             await trio.sleep(1.0)  # the writer reconciles; its retry waits for the lock
             holder.rollback()  # the lock goes
