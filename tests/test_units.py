@@ -333,6 +333,62 @@ def test_log_formats_carry_the_structured_fields() -> None:
                       "1970-01-01T00:16:41.250Z", "1970-01-01T00:16:40.125Z"]
 
 
+def test_audit_lines_bypass_logging_only_while_it_is_as_configured(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import json
+    import logging
+    import sys
+
+    from eventstore import audit, logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    monkeypatch.setattr(logs, "_json", None)
+    handled: list[logging.LogRecord] = []
+    monkeypatch.setattr(audit.audit_log, "handle", handled.append)
+
+    def line(level: str = "INFO", fmt: str = "json") -> str:
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        logs.configure_logging(level, fmt)
+        audit.record("append", caller="anonymous", peer="127.0.0.1:1", outcome="ok",
+                     seconds=0.0012, stream_id="s", event_count=1, reason="100%")
+        return stream.getvalue()
+
+    try:
+        direct = line()
+        assert not handled  # no LogRecord was made
+        (written,) = direct.splitlines()
+        # Through `logging` once a handler is added on the way: the same line.
+        extra = logging.NullHandler()
+        audit.audit_log.addHandler(extra)
+        try:
+            assert line() == ""
+        finally:
+            audit.audit_log.removeHandler(extra)
+        (record,) = handled
+        assert record.getMessage() == "audit append ok"
+        ours, theirs = json.loads(written), json.loads(logs.JsonFormatter().format(record))
+        assert list(ours) == list(theirs)
+        assert {**ours, "ts": None} == {**theirs, "ts": None}
+        assert ours["logger"] == "eventstore.audit" and ours["level"] == "info"
+        assert ours["reason"] == "100%" and ours["duration_ms"] == 1.2
+        # A level that leaves the audit log out, and the text format, go the usual way.
+        assert line("WARNING") == "" and len(handled) == 1
+        assert line("INFO", "text") == "" and len(handled) == 2
+        # Another handler on the root logger (a test's capture, an operator's).
+        logs.configure_logging("INFO", "json")
+        other = logging.NullHandler()
+        root.addHandler(other)
+        assert logs.write_json(audit.audit_log, logging.INFO, "m", {}) is False
+        root.removeHandler(other)
+        assert logs.write_json(audit.audit_log, logging.INFO, "m", {}) is True
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
 class _Frames:
     """Stands in for purerpc's connection: the bytes queued for sending."""
 

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from eventstore.auth.principals import ANONYMOUS
+from eventstore.logs import write_json
 from eventstore.v1 import eventstore_pb2 as pb
 
 audit_log = logging.getLogger("eventstore.audit")
@@ -24,9 +25,16 @@ def caller_of(request: Any) -> dict[str, str]:
 
 def record(operation: str, *, outcome: str, seconds: float, **fields: object) -> None:
     """One audit line; `fields` include who (`caller`, see `caller_of`) and what."""
-    audit_log.info("audit %s %s", operation, outcome, extra={
+    _line(f"audit {operation} {outcome}", {
         "audit": True, "operation": operation, "outcome": outcome,
         "duration_ms": round(seconds * 1000, 3), **fields})
+
+
+def _line(message: str, fields: dict[str, object]) -> None:
+    # Straight to the JSON log when logging is as configured (a line per write: see
+    # eventstore.logs), else through `logging`.
+    if not write_json(audit_log, logging.INFO, message, fields):
+        audit_log.info(message, extra=fields)
 
 
 def append_fields(reply: bytes) -> dict[str, object]:
@@ -41,6 +49,6 @@ def append_fields(reply: bytes) -> dict[str, object]:
 
 def refused(method: str, peer: str, reason: str) -> None:
     """The audit line of a call refused for want of valid credentials (nothing was read)."""
-    audit_log.info("audit %s Unauthenticated", method, extra={
+    _line(f"audit {method} Unauthenticated", {
         "audit": True, "operation": method, "outcome": "Unauthenticated",
         "caller": "unauthenticated", "peer": peer, "reason": reason})
