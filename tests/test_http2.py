@@ -5,6 +5,7 @@ resets, and what happens to a client that breaks the protocol."""
 from __future__ import annotations
 
 import gzip
+import itertools
 import struct
 from collections.abc import AsyncIterator
 
@@ -20,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
-from purerpc.grpclib.exceptions import StreamClosedError
+from purerpc.grpclib.exceptions import MessageTooLargeError, StreamClosedError
 from purerpc.grpclib.status import Status, StatusCode
 
 from eventstore.grpc.http2 import (
@@ -28,6 +29,7 @@ from eventstore.grpc.http2 import (
     Http2ConnectionError,
     ServerConnection,
     StreamReset,
+    _MessageReader,
 )
 from eventstore.grpc.transport import GrpcServer, Method, after_reply
 
@@ -392,6 +394,40 @@ def test_compressed_messages_are_bounded_and_refused_with_a_status(
     assert trailers[b"grpc-status"] == status and words in trailers[b"grpc-message"]
     assert not server._streams
     assert server._received == len(_compressed(body))  # credited back to the connection
+
+
+@settings(max_examples=300, deadline=None)
+@given(payloads=st.lists(st.binary(max_size=40), max_size=6),
+       cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+       paddings=st.lists(st.integers(min_value=0, max_value=255), min_size=13, max_size=13))
+def test_messages_are_read_whatever_the_frames_and_their_padding(
+        payloads: list[bytes], cuts: list[int], paddings: list[int]) -> None:
+    """Messages cut anywhere across DATA frames (several in one, one across several, empty
+    frames, frames shorter than a prefix), each frame with padding: every message comes out
+    once and whole, and every flow-controlled byte is counted to a message or still held."""
+    data = b"".join(_message(p) for p in payloads)
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    frames = [data[a:b] for a, b in itertools.pairwise(bounds)] + [b""]
+    reader = _MessageReader(None, 1 << 20)
+    seen: list[bytes] = []
+    credited = received = 0
+    for frame, padding in zip(frames, paddings, strict=False):
+        received += len(frame) + padding
+        for message, length in reader.feed(frame, len(frame) + padding):
+            assert length >= len(message) + 5
+            seen.append(message)
+            credited += length
+    assert seen == payloads
+    assert credited + reader._flow == received and reader._flow <= sum(paddings)
+    assert reader._size == 0 and not reader._chunks
+
+
+def test_a_message_over_the_limit_is_refused_once_its_length_is_known() -> None:
+    reader = _MessageReader(None, 100)
+    assert reader.feed(b"\x00\x00", 2) == []
+    with pytest.raises(MessageTooLargeError, match="101 > 100"):
+        reader.feed(b"\x00\x00\x65", 3)
+    assert _MessageReader(None, 100).feed(_message(b"x" * 100), 105) == [(b"x" * 100, 105)]
 
 
 def test_a_gzip_message_is_read() -> None:
