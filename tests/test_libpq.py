@@ -8,8 +8,13 @@ import socket
 import threading
 
 import psycopg
+import pytest
 
 from eventstore.db import libpq
+
+# Both ways of reading a COPY's rows: the Rust loop on psycopg's libpq, and psycopg's calls.
+READERS = [pytest.param(libpq.copy_out, id="rust"),
+           pytest.param(libpq.copy_out_in_python, id="python")]
 
 
 def _with_tiny_send_buffer(conn: psycopg.Connection[object]) -> None:
@@ -51,7 +56,14 @@ def test_a_query_larger_than_the_socket_takes_is_sent_whole(database_url: str) -
         assert _in_thread(run, 20) == [[b"2000000", b"7"]]
 
 
-def test_copy_out_reads_every_row(database_url: str) -> None:
+def test_the_rust_loop_finds_psycopgs_libpq() -> None:
+    # psycopg[binary] brings its own libpq, the only one in the process: the server's reads
+    # take the Rust loop (the tests below run both).
+    assert libpq.native_libpq() is not None
+
+
+@pytest.mark.parametrize("copy_out", READERS)
+def test_copy_out_reads_every_row(database_url: str, copy_out: object) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
         pgconn = conn.pgconn
 
@@ -59,10 +71,95 @@ def test_copy_out_reads_every_row(database_url: str) -> None:
             result = pgconn.exec_(b"COPY (SELECT g, repeat('y', 500) FROM generate_series(1,"
                                   b" 20000) g) TO STDOUT")
             assert result.status == psycopg.pq.ExecStatus.COPY_OUT
-            data, status = libpq.copy_out(pgconn)
+            data, status = copy_out(pgconn)  # type: ignore[operator]
             final = libpq.get_result(pgconn)
             assert final is not None and final.status == psycopg.pq.ExecStatus.COMMAND_OK
             assert libpq.get_result(pgconn) is None
             return status, data.count(b"\n"), data.splitlines()[-1][:6]
 
         assert _in_thread(run, 20) == [(-1, 20000, b"20000\t")]
+
+
+def test_both_loops_read_the_same_binary_copy(database_url: str) -> None:
+    query = (b"COPY (SELECT gen_random_uuid(), g, repeat(chr(945 + g % 20), g % 300),"
+             b" jsonb_build_object('n', g), now() FROM generate_series(1, 5000) g ORDER BY g)"
+             b" TO STDOUT (FORMAT BINARY)")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        pgconn = conn.pgconn
+        outputs = []
+        for copy_out in (libpq.copy_out, libpq.copy_out_in_python):
+            conn.execute("SELECT setseed(0.5)")
+            pgconn.exec_(b"BEGIN")
+            assert pgconn.exec_(query).status == psycopg.pq.ExecStatus.COPY_OUT
+            outputs.append(copy_out(pgconn))
+            while libpq.get_result(pgconn) is not None:
+                pass
+            pgconn.exec_(b"ROLLBACK")
+    (rust, rust_status), (python, python_status) = outputs
+    assert rust_status == python_status == -1
+    assert rust.startswith(b"PGCOPY\n\xff\r\n\x00") and rust.endswith(b"\xff\xff")
+    # gen_random_uuid and now() differ between the two COPYs; the lengths and the rest do not.
+    assert len(rust) == len(python) > 5000 * 100
+
+
+# Rows enough to fill PostgreSQL's output buffer (so the COPY has begun on the client's side),
+# then a long wait for row 200.
+_SLOW_COPY = (b"COPY (SELECT g, repeat('x', 1000), pg_sleep(CASE WHEN g = 200 THEN 30 ELSE 0"
+              b" END) FROM generate_series(1, 300) g) TO STDOUT")
+
+
+@pytest.mark.parametrize("copy_out", READERS)
+def test_a_connection_lost_mid_copy_raises(database_url: str, copy_out: object) -> None:
+    """The socket ends (without a word from PostgreSQL) while the loop waits for rows:
+    OperationalError, not a hang or a crash."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        pgconn = conn.pgconn
+        assert pgconn.exec_(_SLOW_COPY).status == (
+            psycopg.pq.ExecStatus.COPY_OUT)
+        # The connection's descriptor now names a socket whose other end is closed.
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        os.dup2(ours.fileno(), pgconn.socket)
+        ours.close()
+
+        def run() -> object:
+            try:
+                return copy_out(pgconn)  # type: ignore[operator]
+            except psycopg.OperationalError as error:
+                return error
+
+        (outcome,) = _in_thread(run, 20)
+        assert isinstance(outcome, psycopg.OperationalError), outcome
+        assert "consuming input failed" in str(outcome)
+
+
+@pytest.mark.parametrize("copy_out", READERS)
+def test_a_backend_ended_mid_copy_fails_the_copy(database_url: str, copy_out: object) -> None:
+    """PostgreSQL ends the backend (an administrator, a restart) while the loop waits for
+    rows: promptly, the COPY ends and its result is the error (or the connection is lost)."""
+    conn = psycopg.connect(database_url, autocommit=True)  # closed, not ended: it is dead
+    try:
+        pgconn = conn.pgconn
+        assert pgconn.exec_(_SLOW_COPY).status == psycopg.pq.ExecStatus.COPY_OUT
+
+        def run() -> object:
+            try:
+                _, status = copy_out(pgconn)  # type: ignore[operator]
+                final = libpq.get_result(pgconn)
+                return status, final and final.status, final and final.error_message
+            except psycopg.OperationalError as error:
+                return error
+
+        def end() -> None:
+            threading.Event().wait(0.5)  # the loop is waiting for row 200 by now
+            with psycopg.connect(database_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pgconn.backend_pid,))
+
+        threading.Thread(target=end, daemon=True).start()
+        (outcome,) = _in_thread(run, 20)
+        if not isinstance(outcome, psycopg.OperationalError):
+            status, final, message = outcome  # type: ignore[misc]
+            assert (status, final) == (-1, psycopg.pq.ExecStatus.FATAL_ERROR), outcome
+            assert b"terminating connection" in message
+    finally:
+        conn.close()

@@ -174,3 +174,18 @@ def encode_event_list(copy_out: bytes) -> list[tuple[int, int, str, str, str, by
     """``(position, version, stream_id, stream_type, event_type, serialized Event)`` for every
     row of the same COPY output as encode_events (stream_id in canonical lower case; the Event
     without a field wrapper). Raises ValueError on malformed data."""
+
+COPY_LOST: int
+"""``Libpq.copy_out``'s status when the connection was lost while waiting for rows."""
+
+class Libpq:
+    """The libpq already loaded into this process from ``path`` (never loaded here);
+    OSError if it is not, or lacks a function."""
+
+    def __init__(self, path: str) -> None: ...
+    def copy_out(self, pgconn_ptr: int) -> tuple[bytes, int]:
+        """Every row of the COPY TO STDOUT in progress on the PGconn at ``pgconn_ptr`` (a
+        psycopg ``PGconn.pgconn_ptr`` of this libpq, used by no one else until this returns),
+        concatenated, read with the GIL released; and ``PQgetCopyData``'s last status: -1
+        the COPY ended, -2 it failed, or ``COPY_LOST``: the connection was lost (its error
+        message says why). Rows read before the end are returned either way."""

@@ -13,9 +13,11 @@
 //! * [`insert_sql`]: the same as one `INSERT … VALUES` (a small batch, in one round trip);
 //! * [`literals`]: the writer's other parameters, bound client-side as SQL literals;
 //! * [`copy_out`]: binary COPY output of the events query to serialized `Event`s;
-//! * [`hpack`], [`http2`]: the inbound half of the gRPC server's HTTP/2 connection.
+//! * [`hpack`], [`http2`]: the inbound half of the gRPC server's HTTP/2 connection;
+//! * [`libpq`]: a COPY TO STDOUT's rows read from libpq without Python (the only `unsafe`).
 
-#![forbid(unsafe_code)]
+// `unsafe` only in `libpq` (calls into the libpq psycopg loaded), which allows it for itself.
+#![deny(unsafe_code)]
 #![warn(clippy::pedantic)]
 // Pedantic allow-list, each for a reason:
 // - missing_errors_doc / missing_panics_doc: the crate's API is internal to the project and its
@@ -38,6 +40,7 @@ pub mod hpack;
 pub mod http2;
 pub mod insert_sql;
 pub mod json;
+pub mod libpq;
 pub mod literals;
 pub mod out;
 pub mod proto;

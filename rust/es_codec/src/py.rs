@@ -20,6 +20,7 @@ use crate::copy_in;
 use crate::copy_out;
 use crate::http2;
 use crate::json;
+use crate::libpq;
 use crate::literals;
 use crate::request::{quote, AppendRequest, ErrorKind, EventView, Limits, RequestError};
 use crate::uuids;
@@ -486,6 +487,38 @@ impl PyFrameReader {
     }
 }
 
+/// The libpq psycopg loaded, for reading a COPY TO STDOUT's rows without the GIL.
+#[pyclass(frozen, name = "Libpq", module = "eventstore._es_codec")]
+struct PyLibpq(libpq::Libpq);
+
+/// `Libpq.copy_out`'s status when the connection was lost while waiting for rows.
+const COPY_LOST: i32 = -3;
+
+#[pymethods]
+impl PyLibpq {
+    #[new]
+    fn new(path: &str) -> PyResult<Self> {
+        libpq::Libpq::loaded(path).map(Self).map_err(PyOSError::new_err)
+    }
+
+    fn copy_out<'py>(&self, py: Python<'py>, pgconn_ptr: usize) -> (Bound<'py, PyBytes>, i32) {
+        let mut rows = Vec::new();
+        let end = py.allow_threads(|| {
+            // SAFETY: the caller's contract (see the stub): a live PGconn of this libpq in
+            // COPY_OUT, used by no one else until this returns.
+            #[allow(unsafe_code)]
+            unsafe {
+                self.0.copy_out(pgconn_ptr as *mut std::ffi::c_void, &mut rows)
+            }
+        });
+        let status = match end {
+            libpq::CopyEnd::Status(status) => status,
+            libpq::CopyEnd::Lost => COPY_LOST,
+        };
+        (PyBytes::new(py, &rows), status)
+    }
+}
+
 #[pymodule]
 #[pyo3(name = "_es_codec")]
 fn es_codec_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -495,6 +528,8 @@ fn es_codec_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Http2Error", py.get_type::<Http2Error>())?;
     m.add_class::<PyFrameReader>()?;
     m.add_class::<PyAppendRequest>()?;
+    m.add_class::<PyLibpq>()?;
+    m.add("COPY_LOST", COPY_LOST)?;
     m.add_function(wrap_pyfunction!(check_versions, m)?)?;
     m.add_function(wrap_pyfunction!(encode_copy, m)?)?;
     m.add_function(wrap_pyfunction!(insert_sql, m)?)?;

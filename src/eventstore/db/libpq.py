@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import select
 
+import psycopg
 from psycopg import pq
+
+from eventstore._es_codec import COPY_LOST, Libpq
 
 _READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
@@ -79,10 +82,46 @@ def get_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
 
 def copy_out(pgconn: pq.abc.PGconn) -> tuple[bytes, int]:
     """Everything a COPY TO STDOUT in progress sends, as one bytes object, and the last
-    `PQgetCopyData` status (-1: the COPY ended; -2: it failed).
+    `PQgetCopyData` status (-1: the COPY ended; -2: it failed). A lost connection raises
+    psycopg.OperationalError.
 
-    Buffered rows are taken without releasing the GIL (one quick call each); only when libpq's
-    buffer is empty does the thread wait, in `poll()`."""
+    The Rust extension reads the rows from psycopg's own libpq with the GIL released
+    (`native_libpq`); where that libpq cannot be told apart, `copy_out_in_python` does."""
+    native = native_libpq()
+    pointer = getattr(pgconn, "pgconn_ptr", None)  # None: closed (psycopg then raises)
+    if native is None or pointer is None:
+        return copy_out_in_python(pgconn)
+    data, size = native.copy_out(pointer)
+    if size == COPY_LOST:
+        message = pgconn.error_message.decode(errors="replace").strip()
+        raise psycopg.OperationalError(f"consuming input failed: {message}")
+    return data, size
+
+
+# The libpq psycopg calls, for the Rust loop: False until looked for, None if not found.
+_native: Libpq | bool | None = False
+
+
+def native_libpq() -> Libpq | None:
+    """The libpq loaded into this process, if there is exactly one (psycopg's: the binary
+    package's own copy, or the system's), else None. Looked for once, among the files the
+    process has mapped (Linux's /proc/self/maps)."""
+    global _native
+    if _native is False:
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split(None, 5)[5].strip() for line in maps
+                         if "/libpq" in line and ".so" in line and line.count(" ") >= 5}
+            _native = Libpq(paths.pop()) if len(paths) == 1 else None
+        except (OSError, IndexError):
+            _native = None
+    return _native if isinstance(_native, Libpq) else None
+
+
+def copy_out_in_python(pgconn: pq.abc.PGconn) -> tuple[bytes, int]:
+    """`copy_out` with psycopg's calls: buffered rows are taken without releasing the GIL
+    (one quick call each); only when libpq's buffer is empty does the thread wait, in
+    `poll()`."""
     chunks = []
     get = pgconn.get_copy_data
     while True:
