@@ -16,7 +16,8 @@
 //! * [`hpack`], [`http2`]: the inbound half of the gRPC server's HTTP/2 connection;
 //! * [`libpq`]: a COPY TO STDOUT's rows read from libpq without Python (the only `unsafe`).
 
-// `unsafe` only in `libpq` (calls into the libpq psycopg loaded), which allows it for itself.
+// `unsafe` only in `libpq` (calls into the libpq psycopg loaded), which allows it for itself,
+// and at the one call into it in `py`.
 #![deny(unsafe_code)]
 #![warn(clippy::pedantic)]
 // Pedantic allow-list, each for a reason:
