@@ -384,6 +384,9 @@ def test_audit_lines_bypass_logging_only_while_it_is_as_configured(
         assert logs.write_json(audit.audit_log, logging.INFO, "m", {}) is False
         root.removeHandler(other)
         assert logs.write_json(audit.audit_log, logging.INFO, "m", {}) is True
+        # Another formatter on the server's handler.
+        root.handlers[0].setFormatter(logs.TextFormatter())
+        assert logs.write_json(audit.audit_log, logging.INFO, "m", {}) is False
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])

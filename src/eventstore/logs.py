@@ -78,7 +78,7 @@ def write_json(logger: logging.Logger, level: int, msg: str,
     if configured is None or not logger.isEnabledFor(level):
         return False
     handler, formatter = configured
-    if handler.filters or level < handler.level:
+    if handler.filters or level < handler.level or handler.formatter is not formatter:
         return False
     if logging.getLogRecordFactory() is not logging.LogRecord:
         return False
