@@ -12,8 +12,15 @@ import pytest
 
 from eventstore.db import libpq
 
+
+def _in_rust(pgconn: psycopg.pq.abc.PGconn) -> tuple[bytes, int]:
+    native = libpq.native_libpq(pgconn)
+    assert native is not None  # no silent fall back to the Python loop here
+    return libpq.copy_out_in_rust(native, pgconn)
+
+
 # Both ways of reading a COPY's rows: the Rust loop on psycopg's libpq, and psycopg's calls.
-READERS = [pytest.param(libpq.copy_out, id="rust"),
+READERS = [pytest.param(_in_rust, id="rust"),
            pytest.param(libpq.copy_out_in_python, id="python")]
 
 
@@ -56,10 +63,11 @@ def test_a_query_larger_than_the_socket_takes_is_sent_whole(database_url: str) -
         assert _in_thread(run, 20) == [[b"2000000", b"7"]]
 
 
-def test_the_rust_loop_finds_psycopgs_libpq() -> None:
-    # psycopg[binary] brings its own libpq, the only one in the process: the server's reads
-    # take the Rust loop (the tests below run both).
-    assert libpq.native_libpq() is not None
+def test_the_rust_loop_reaches_psycopgs_libpq(database_url: str) -> None:
+    # Through psycopg's extension module (psycopg[binary] brings its own libpq): the server's
+    # reads take the Rust loop (the tests below run both).
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert libpq.native_libpq(conn.pgconn) is not None
 
 
 @pytest.mark.parametrize("copy_out", READERS)
@@ -81,25 +89,21 @@ def test_copy_out_reads_every_row(database_url: str, copy_out: object) -> None:
 
 
 def test_both_loops_read_the_same_binary_copy(database_url: str) -> None:
-    query = (b"COPY (SELECT gen_random_uuid(), g, repeat(chr(945 + g % 20), g % 300),"
-             b" jsonb_build_object('n', g), now() FROM generate_series(1, 5000) g ORDER BY g)"
-             b" TO STDOUT (FORMAT BINARY)")
+    query = (b"COPY (SELECT md5(g::text)::uuid, g, repeat(chr(945 + g % 20), g % 300),"
+             b" jsonb_build_object('n', g), timestamptz '2026-11-29 10:00:00+00' + g * interval"
+             b" '1 ms' FROM generate_series(1, 5000) g ORDER BY g) TO STDOUT (FORMAT BINARY)")
     with psycopg.connect(database_url, autocommit=True) as conn:
         pgconn = conn.pgconn
         outputs = []
-        for copy_out in (libpq.copy_out, libpq.copy_out_in_python):
-            conn.execute("SELECT setseed(0.5)")
-            pgconn.exec_(b"BEGIN")
+        for copy_out in (_in_rust, libpq.copy_out_in_python):
             assert pgconn.exec_(query).status == psycopg.pq.ExecStatus.COPY_OUT
             outputs.append(copy_out(pgconn))
-            while libpq.get_result(pgconn) is not None:
-                pass
-            pgconn.exec_(b"ROLLBACK")
-    (rust, rust_status), (python, python_status) = outputs
-    assert rust_status == python_status == -1
-    assert rust.startswith(b"PGCOPY\n\xff\r\n\x00") and rust.endswith(b"\xff\xff")
-    # gen_random_uuid and now() differ between the two COPYs; the lengths and the rest do not.
-    assert len(rust) == len(python) > 5000 * 100
+            final = libpq.get_result(pgconn)
+            assert final is not None and final.status == psycopg.pq.ExecStatus.COMMAND_OK
+            assert libpq.get_result(pgconn) is None
+    rust, python = outputs
+    assert rust == python and rust[1] == -1 and len(rust[0]) > 5000 * 100
+    assert rust[0].startswith(b"PGCOPY\n\xff\r\n\x00") and rust[0].endswith(b"\xff\xff")
 
 
 # Rows enough to fill PostgreSQL's output buffer (so the COPY has begun on the client's side),

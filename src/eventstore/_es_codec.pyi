@@ -179,13 +179,15 @@ COPY_LOST: int
 """``Libpq.copy_out``'s status when the connection was lost while waiting for rows."""
 
 class Libpq:
-    """The libpq already loaded into this process from ``path`` (never loaded here);
-    OSError if it is not, or lacks a function."""
+    """libpq's functions as seen from the shared object loaded into this process from
+    ``path`` (psycopg's extension module: the lookup searches its dependencies, so it finds
+    the libpq psycopg calls; never loaded here). OSError if it is not loaded, or a function
+    is not found."""
 
     def __init__(self, path: str) -> None: ...
     def copy_out(self, pgconn_ptr: int) -> tuple[bytes, int]:
         """Every row of the COPY TO STDOUT in progress on the PGconn at ``pgconn_ptr`` (a
         psycopg ``PGconn.pgconn_ptr`` of this libpq, used by no one else until this returns),
         concatenated, read with the GIL released; and ``PQgetCopyData``'s last status: -1
-        the COPY ended, -2 it failed, or ``COPY_LOST``: the connection was lost (its error
-        message says why). Rows read before the end are returned either way."""
+        the COPY ended, -2 reading it failed, or ``COPY_LOST``: the connection was lost (for
+        both, libpq's error message says why). OSError when waiting for the socket fails."""

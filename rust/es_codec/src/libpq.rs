@@ -4,9 +4,12 @@
 //! the event loop.
 //!
 //! This is the crate's only `unsafe` code: it calls the libpq that psycopg has already loaded
-//! into the process (found by its path, never loaded here: `RTLD_NOLOAD`), on a `PGconn` that
-//! psycopg owns. The caller keeps that connection alive and unused by anyone else meanwhile,
-//! as for any libpq call (the reader's connections each serve one worker thread at a time).
+//! into the process, on a `PGconn` that psycopg owns. The functions are looked up through
+//! psycopg's own extension module (opened by its path, never loaded here: `RTLD_NOLOAD`), and
+//! a lookup through a handle searches that object and its dependencies: it finds the libpq
+//! psycopg calls, whatever else the process has loaded. The caller keeps the connection alive
+//! and unused by anyone else meanwhile, as for any libpq call (the reader's connections each
+//! serve one worker thread at a time).
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -25,19 +28,22 @@ pub struct Libpq {
 }
 
 /// How reading a COPY's output ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum CopyEnd {
     /// `PQgetCopyData`'s last answer: -1 when the COPY is done (its result follows), -2 when
     /// it failed.
     Status(i32),
-    /// The connection was lost while waiting for rows (`PQconsumeInput` failed, or its socket
-    /// could not be waited on): libpq's error message says why.
+    /// The connection was lost while waiting for rows (`PQconsumeInput` failed, or libpq has
+    /// no socket any more): libpq's error message says why.
     Lost,
+    /// Waiting for the socket failed (`poll`'s error).
+    WaitFailed(std::io::Error),
 }
 
 impl Libpq {
-    /// The libpq loaded into this process from `path`; an error if none is, or it lacks a
-    /// function.
+    /// The libpq functions as seen from the shared object loaded into this process from
+    /// `path` (psycopg's extension module, or a libpq itself); an error if it is not loaded,
+    /// or a function is not found.
     pub fn loaded(path: &str) -> Result<Self, String> {
         let name = CString::new(path).map_err(|e| e.to_string())?;
         // SAFETY: dlopen with RTLD_NOLOAD only looks the library up; the handle is kept (the
@@ -82,11 +88,11 @@ impl Libpq {
             let mut row: *mut c_char = std::ptr::null_mut();
             let size = (self.get_copy_data)(conn, &raw mut row, 1);
             match usize::try_from(size) {
-                Ok(0) => {
-                    if !self.wait_readable(conn) || (self.consume_input)(conn) == 0 {
-                        return CopyEnd::Lost;
-                    }
-                }
+                Ok(0) => match self.wait_readable(conn) {
+                    Ok(true) if (self.consume_input)(conn) != 0 => {}
+                    Ok(_) => return CopyEnd::Lost,
+                    Err(error) => return CopyEnd::WaitFailed(error),
+                },
                 Ok(length) => {
                     // SAFETY: libpq returned `length` bytes at `row`, ours to free.
                     out.extend_from_slice(std::slice::from_raw_parts(row.cast::<u8>(), length));
@@ -97,11 +103,12 @@ impl Libpq {
         }
     }
 
-    /// Block until the connection's socket has input (or an error to read).
-    unsafe fn wait_readable(&self, conn: *mut c_void) -> bool {
+    /// Block until the connection's socket has input (or an error to read); false when libpq
+    /// has no socket (it closed it on a lost connection).
+    unsafe fn wait_readable(&self, conn: *mut c_void) -> std::io::Result<bool> {
         let fd = (self.socket)(conn);
         if fd < 0 {
-            return false;
+            return Ok(false);
         }
         let mut poll = libc::pollfd {
             fd,
@@ -110,10 +117,11 @@ impl Libpq {
         };
         loop {
             if libc::poll(&raw mut poll, 1, -1) >= 0 {
-                return true;
+                return Ok(true);
             }
-            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                return false;
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(error);
             }
         }
     }

@@ -501,7 +501,11 @@ impl PyLibpq {
         libpq::Libpq::loaded(path).map(Self).map_err(PyOSError::new_err)
     }
 
-    fn copy_out<'py>(&self, py: Python<'py>, pgconn_ptr: usize) -> (Bound<'py, PyBytes>, i32) {
+    fn copy_out<'py>(
+        &self,
+        py: Python<'py>,
+        pgconn_ptr: usize,
+    ) -> PyResult<(Bound<'py, PyBytes>, i32)> {
         let mut rows = Vec::new();
         let end = py.allow_threads(|| {
             // SAFETY: the caller's contract (see the stub): a live PGconn of this libpq in
@@ -514,8 +518,9 @@ impl PyLibpq {
         let status = match end {
             libpq::CopyEnd::Status(status) => status,
             libpq::CopyEnd::Lost => COPY_LOST,
+            libpq::CopyEnd::WaitFailed(error) => return Err(error.into()),
         };
-        (PyBytes::new(py, &rows), status)
+        Ok((PyBytes::new(py, &rows), status))
     }
 }
 

@@ -10,6 +10,7 @@ commit's WAL flush, the planning and first rows of a read. Here every wait for t
 from __future__ import annotations
 
 import select
+import sys
 
 import psycopg
 from psycopg import pq
@@ -82,40 +83,56 @@ def get_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
 
 def copy_out(pgconn: pq.abc.PGconn) -> tuple[bytes, int]:
     """Everything a COPY TO STDOUT in progress sends, as one bytes object, and the last
-    `PQgetCopyData` status (-1: the COPY ended; -2: it failed). A lost connection raises
-    psycopg.OperationalError.
+    `PQgetCopyData` status: -1, the COPY ended (its result, which may be an error PostgreSQL
+    sent, follows). A failure to read it, or a lost connection, raises
+    psycopg.OperationalError, as psycopg's `get_copy_data` does.
 
     The Rust extension reads the rows from psycopg's own libpq with the GIL released
-    (`native_libpq`); where that libpq cannot be told apart, `copy_out_in_python` does."""
-    native = native_libpq()
-    pointer = getattr(pgconn, "pgconn_ptr", None)  # None: closed (psycopg then raises)
-    if native is None or pointer is None:
+    (`copy_out_in_rust`); where that libpq cannot be reached, `copy_out_in_python` does."""
+    native = native_libpq(pgconn)
+    if native is None:
         return copy_out_in_python(pgconn)
-    data, size = native.copy_out(pointer)
+    return copy_out_in_rust(native, pgconn)
+
+
+def copy_out_in_rust(native: Libpq, pgconn: pq.abc.PGconn) -> tuple[bytes, int]:
+    """`copy_out` by the Rust extension through `native` (see `native_libpq`)."""
+    pointer = getattr(pgconn, "pgconn_ptr", None)
+    if pointer is None:
+        raise psycopg.OperationalError("the connection is closed")
+    try:
+        data, size = native.copy_out(pointer)
+    except OSError as error:
+        raise psycopg.OperationalError(f"waiting for copy data failed: {error}") from error
     if size == COPY_LOST:
-        message = pgconn.error_message.decode(errors="replace").strip()
-        raise psycopg.OperationalError(f"consuming input failed: {message}")
+        raise psycopg.OperationalError(f"consuming input failed: {_error_message(pgconn)}")
+    if size == -2:
+        raise psycopg.OperationalError(f"receiving copy data failed: {_error_message(pgconn)}")
     return data, size
 
 
-# The libpq psycopg calls, for the Rust loop: False until looked for, None if not found.
-_native: Libpq | bool | None = False
+def _error_message(pgconn: pq.abc.PGconn) -> str:
+    return pgconn.error_message.decode(errors="replace").strip()
 
 
-def native_libpq() -> Libpq | None:
-    """The libpq loaded into this process, if there is exactly one (psycopg's: the binary
-    package's own copy, or the system's), else None. Looked for once, among the files the
-    process has mapped (Linux's /proc/self/maps)."""
-    global _native
-    if _native is False:
+# The libpq of each psycopg PGconn class, as the Rust extension reaches it (None: it cannot).
+_native: dict[type, Libpq | None] = {}
+
+
+def native_libpq(pgconn: pq.abc.PGconn) -> Libpq | None:
+    """The libpq `pgconn` calls, for the Rust extension: looked up (once per implementation)
+    through psycopg's own extension module, whose dependencies include that libpq whatever
+    else the process has loaded. None when psycopg's implementation is not an extension
+    module (its pure-Python one), or the lookup fails."""
+    kind = type(pgconn)
+    if kind not in _native:
+        module = sys.modules.get(kind.__module__)
+        path = getattr(module, "__file__", None) or ""
         try:
-            with open("/proc/self/maps") as maps:
-                paths = {line.split(None, 5)[5].strip() for line in maps
-                         if "/libpq" in line and ".so" in line and line.count(" ") >= 5}
-            _native = Libpq(paths.pop()) if len(paths) == 1 else None
-        except (OSError, IndexError):
-            _native = None
-    return _native if isinstance(_native, Libpq) else None
+            _native[kind] = Libpq(path) if path.endswith(".so") else None
+        except OSError:
+            _native[kind] = None
+    return _native[kind]
 
 
 def copy_out_in_python(pgconn: pq.abc.PGconn) -> tuple[bytes, int]:
