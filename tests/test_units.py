@@ -387,6 +387,42 @@ def test_audit_lines_bypass_logging_only_while_it_is_as_configured(
         # Another formatter on the server's handler.
         root.handlers[0].setFormatter(logs.TextFormatter())
         assert logs.write_json(audit.audit_log, logging.INFO, "m", {}) is False
+        # The last nanoseconds of a second are still that second (as a float of seconds
+        # since 1970, this one is the next second).
+        monkeypatch.setattr(logs.time, "time_ns", lambda: 1_800_000_000 * 10**9 + 999_999_950)
+        (stamped,) = line().splitlines()
+        assert json.loads(stamped)["ts"] == "2027-01-15T08:00:00.999Z"
+        monkeypatch.undo()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def test_an_audit_line_whose_write_fails_is_reported_once_and_not_written_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import logging
+    import sys
+
+    from eventstore import audit, logs
+
+    class FailingFlush(io.StringIO):
+        def flush(self) -> None:
+            raise BlockingIOError("the pipe is full")
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    monkeypatch.setattr(logs, "_json", None)
+    stream = FailingFlush()
+    monkeypatch.setattr(sys, "stderr", stream)
+    reported: list[logging.LogRecord] = []
+    try:
+        logs.configure_logging("INFO", "json")
+        monkeypatch.setattr(root.handlers[0], "handleError", reported.append)
+        audit.record("append", caller="anonymous", peer="127.0.0.1:1", outcome="ok",
+                     seconds=0.001, stream_id="s", event_count=1)
+        assert stream.getvalue().count("audit append ok") == 1
+        assert [r.getMessage() for r in reported] == ["audit append ok"]
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])

@@ -70,12 +70,13 @@ _json: tuple[logging.StreamHandler[TextIO], JsonFormatter] | None = None
 def write_json(logger: logging.Logger, level: int, msg: str,
                fields: Mapping[str, object]) -> bool:
     """Write the line `logger.log(level, msg, extra=fields)` would write, without a
-    LogRecord (no arguments to merge, no exception), and True; False — nothing written —
-    when logging is not as `configure_logging` left it, or the level is not enabled: then
-    log the usual way. `fields` must not use a LogRecord attribute's name (`logging` refuses
-    those too)."""
+    LogRecord (no arguments to merge, no exception), and True (a failed write is reported as
+    `logging` reports one); False — nothing written — when logging is not as
+    `configure_logging` left it, or the level is not enabled: then log the usual way.
+    `fields` must not use a LogRecord attribute's name (`logging` refuses those too)."""
     configured = _json
-    if configured is None or not logger.isEnabledFor(level):
+    if configured is None or type(logger) is not logging.Logger or (
+            not logger.isEnabledFor(level)):
         return False
     handler, formatter = configured
     if handler.filters or level < handler.level or handler.formatter is not formatter:
@@ -92,8 +93,9 @@ def write_json(logger: logging.Logger, level: int, msg: str,
     if len(handlers) != 1 or handlers[0] is not handler:
         return False
     now = time.time_ns()
-    entry = formatter.entry(now / 1e9, now % 1_000_000_000 // 1_000_000,
-                            logging.getLevelName(level), logger.name, msg)
+    second, nanoseconds = divmod(now, 1_000_000_000)
+    entry = formatter.entry(second, nanoseconds // 1_000_000, logging.getLevelName(level),
+                            logger.name, msg)
     entry.update(fields)
     line = orjson.dumps(entry, default=str).decode()
     handler.acquire()
@@ -101,7 +103,10 @@ def write_json(logger: logging.Logger, level: int, msg: str,
         handler.stream.write(line + handler.terminator)
         handler.flush()
     except Exception:
-        return False  # then `logging` tries, and reports what fails (Handler.handleError)
+        # As `logging` does (Handler.handleError); not written again: part of it may be out.
+        handler.handleError(logging.makeLogRecord(
+            {"name": logger.name, "levelno": level, "levelname": logging.getLevelName(level),
+             "msg": msg}))
     finally:
         handler.release()
     return True
