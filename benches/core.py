@@ -232,7 +232,9 @@ def insert_commit(url: str, seconds: float, max_rows: int) -> float:
 
 
 def reading_channel(port: int) -> grpc.aio.Channel:
-    """A channel for reads: replies up to 64 MiB (grpcio's default limit is 4 MiB)."""
+    """A channel for reads: replies up to 64 MiB (grpcio's default limit is 4 MiB). Await its
+    `channel_ready()` before starting a clock: connecting is not reading (the COPY baselines
+    connect before theirs, too)."""
     return grpc.aio.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)])
 
@@ -242,6 +244,7 @@ async def get_events_load(port: int, stream: str, rounds: int) -> float:
         call = channel.unary_unary(SERVICE + "GetEvents",
                                    request_serializer=pb.GetEventsRequest.SerializeToString,
                                    response_deserializer=pb.GetEventsResponse.FromString)
+        await channel.channel_ready()
         count = 0
         t0 = time.perf_counter()
         for _ in range(rounds):

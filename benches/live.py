@@ -201,6 +201,7 @@ async def catch_up(port: int, total: int) -> float:
         call = channel.unary_stream(SERVICE + "SubscribeToAll",
                                     request_serializer=pb.SubscribeAllRequest.SerializeToString,
                                     response_deserializer=pb.EventNotification.FromString)
+        await channel.channel_ready()
         stream = call(pb.SubscribeAllRequest(include_existing=True, max_batch_size=1000))
         count = 0
         t0 = time.perf_counter()
@@ -226,6 +227,7 @@ async def read_all(port: int, total: int, page: int = 1_000) -> float:
         call = channel.unary_unary(SERVICE + "ReadAll",
                                    request_serializer=pb.ReadAllRequest.SerializeToString,
                                    response_deserializer=pb.ReadAllResponse.FromString)
+        await channel.channel_ready()
         count = position = 0
         t0 = time.perf_counter()
         # Bounded: each page but the last holds events, and there are `total` of them.
