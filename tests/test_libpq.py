@@ -167,3 +167,14 @@ def test_a_backend_ended_mid_copy_fails_the_copy(database_url: str, copy_out: ob
             assert b"terminating connection" in message
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("copy_out", READERS)
+def test_reading_copy_data_without_a_copy_raises(database_url: str, copy_out: object) -> None:
+    # PQgetCopyData's -2 (here: no COPY in progress) is psycopg's OperationalError either way,
+    # never a status a caller could loop on.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.OperationalError,
+                           match="receiving copy data failed: no COPY in progress"):
+            copy_out(conn.pgconn)  # type: ignore[operator]
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection is still usable
