@@ -66,3 +66,35 @@ def test_paired_ratios_alternate_and_take_the_median() -> None:
     assert result["ratio"] == 1.0  # the pairs' ratios are 1, 2 and 0.5
     assert (result["ours"], result["baseline"]) == (20.0, 10.0)
     assert result["pairs"] == [[10.0, 10.0], [20.0, 10.0], [30.0, 60.0]]
+
+
+def test_the_load_generators_requests_are_what_protobuf_would_build() -> None:
+    """benches/core.py splices fresh ids into pre-serialized events: the bytes must parse as
+    the request a client builds with protobuf (and the server validates), every id fresh."""
+    import uuid
+
+    sys.path.insert(0, str(COMPARE.parent))
+    try:
+        import core
+    finally:
+        sys.path.remove(str(COMPARE.parent))
+    from eventstore.v1 import eventstore_pb2 as pb
+
+    stream = str(uuid.uuid4())
+    built = core.AppendRequests(100).build(stream, 7)
+    request = pb.AppendEventsRequest.FromString(built)
+    assert (request.stream_id, request.stream_type, request.expected_version) == (
+        stream, "Bench", 7)
+    assert request.HasField("expected_version") and len(request.events) == 100
+    ids = [event.event_id for event in request.events]
+    assert len(set(ids)) == 100 and all(str(uuid.UUID(i)) == i for i in ids)
+    assert all(uuid.UUID(i).version == 4 for i in ids)
+    assert {(e.event_type, e.data, e.metadata) for e in request.events} == {
+        ("WordAdded", core.PAYLOAD, core.METADATA)}
+    # Field for field what protobuf itself would build (its bytes put expected_version last).
+    expected = pb.AppendEventsRequest(
+        stream_id=stream, stream_type="Bench", expected_version=7,
+        events=[pb.NewEvent(event_id=i, event_type="WordAdded", data=core.PAYLOAD,
+                            metadata=core.METADATA) for i in ids])
+    assert request == expected
+    assert core.AppendRequests(1).build(stream, 0) != core.AppendRequests(1).build(stream, 0)
