@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import trio
 
-from eventstore.client import EventStoreClient, NewEvent, Unavailable
+from eventstore.client import EventStoreClient, NewEvent, RecordedEvent, Unavailable
 from eventstore.embedded import EmbeddedPostgres
 from eventstore.server import ServerInfo, serve
 from tests.conftest import make_settings
@@ -165,6 +165,19 @@ def _audit_line() -> Iterator[trio.Event]:
         audit_log.removeHandler(handler)
 
 
+async def _audited_and_stored(audited: trio.Event, caplog: pytest.LogCaptureFixture,
+                              port: int, stream: str) -> list[RecordedEvent]:
+    """Wait for the audit line of the two-event append to `stream` (Deck), check it, and
+    return what the stream holds."""
+    with trio.fail_after(10):
+        await audited.wait()
+    (record,) = [r for r in caplog.records if r.name == "eventstore.audit"]
+    assert (record.operation, record.outcome, record.stream_id, record.event_count) == (
+        "append", "ok", stream, 2)
+    async with EventStoreClient.connect("127.0.0.1", port) as reader:
+        return [event async for event in reader.get_events(stream, "Deck")]
+
+
 async def test_an_append_whose_client_leaves_mid_commit_is_stored_and_audited(
         server: ServerInfo, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """The client's connection ends while its append waits for the commit (here: behind the
@@ -199,13 +212,7 @@ async def test_an_append_whose_client_leaves_mid_commit_is_stored_and_audited(
             await sock.aclose()  # the client goes; the server cancels what waits for it
             await trio.sleep(0.3)
             holder.rollback()  # the lock goes
-        with trio.fail_after(10):
-            await audited.wait()
-    (record,) = [r for r in caplog.records if r.name == "eventstore.audit"]
-    assert (record.operation, record.outcome, record.stream_id, record.event_count) == (
-        "append", "ok", stream, 2)
-    async with EventStoreClient.connect("127.0.0.1", server.port) as reader:
-        stored = [event async for event in reader.get_events(stream, "Deck")]
+        stored = await _audited_and_stored(audited, caplog, server.port, stream)
     assert len(stored) == 2
 
 
@@ -331,14 +338,9 @@ async def test_an_append_past_its_deadline_is_still_stored_and_audited(
             holder.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
             assert await trio.to_thread.run_sync(append_with_deadline) == "DEADLINE_EXCEEDED"
             holder.rollback()  # the lock goes
-        with trio.fail_after(10):
-            await audited.wait()
-    (record,) = [r for r in caplog.records if r.name == "eventstore.audit"]
-    assert (record.operation, record.outcome, record.stream_id, record.event_count) == (
-        "append", "ok", stream, 2)
+        stored = await _audited_and_stored(audited, caplog, server.port, stream)
+    assert [e.event_id for e in stored] == [e.event_id for e in request.events]
     async with EventStoreClient.connect("127.0.0.1", server.port) as client:
-        stored = [event async for event in client.get_events(stream, "Deck")]
-        assert [e.event_id for e in stored] == [e.event_id for e in request.events]
         # The client's retry with the same ids learns the outcome: its original result.
         retried = await client.append_events(stream, "Deck", [
             NewEvent(e.event_type, {"i": i}, event_id=e.event_id)
