@@ -270,6 +270,21 @@ async def test_live_waits_end_at_their_deadline_or_at_growth(
         nursery.cancel_scope.cancel()
 
 
+def test_commits_move_an_unfollowed_window_without_waking_the_feed() -> None:
+    """With nobody subscribed, this process's commits move the window past themselves at
+    once (a subscription that starts later catches up from the database); the feed's task is
+    woken only to read what subscribers will be sent."""
+    feed = LiveFeed(cast(Reader, None), Settings())
+    feed.window = Window(10, max_events=100, max_bytes=10**6)
+    feed.committed(11, 15, None)
+    assert (feed.window.start, feed.window.end) == (15, 15) and not feed._wake.is_set()
+    feed.committed(12, 14, None)  # an older announcement: nothing moves
+    assert feed.window.end == 15 and not feed._wake.is_set()
+    feed._subscribers = 1
+    feed.committed(16, 17, None)  # no rows read back: the feed reads them
+    assert feed.window.end == 15 and feed._wake.is_set()
+
+
 def test_window_byte_limit() -> None:
     window = Window(0, max_events=1000, max_bytes=100)
     window.extend([live_event(p, 30) for p in range(1, 6)], 5)

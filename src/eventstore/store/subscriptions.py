@@ -106,7 +106,13 @@ class LiveFeed:
         window = self.window
         if window is None or window.end >= last:
             return
-        if rows is not None and window.end == first - 1 and self._subscribers:
+        if not self._subscribers:
+            # Nobody follows the head: the window moves past the commit here, as the feed's
+            # task would (`_read_new`), without waking that task for every commit.
+            window.skip_to(last)
+            self._signal()
+            return
+        if rows is not None and window.end == first - 1:
             try:
                 events = [LiveEvent(*row) for row in encode_event_list(rows)]
             except ValueError:
