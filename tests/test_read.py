@@ -168,6 +168,7 @@ async def test_stream_identity_is_id_and_type(api: Any) -> None:
 
 @pytest.mark.parametrize(("request_kw", "words"), [
     ({"stream_id": "nope"}, "stream_id"),
+    ({"stream_id": "urn:uuid:" + sid()}, "stream_id: not a UUID"),
     ({"stream_type": ""}, "stream_type"),
     ({"from_version": -1}, "from_version"),
     ({"from_version": 5, "to_version": 4}, "to_version"),

@@ -145,6 +145,12 @@ def test_parse_uuid_canonicalizes() -> None:
         parse_uuid("f", "xyz")
     with pytest.raises(InvalidArgument, match="f: required"):
         parse_uuid("f", "")
+    # API.md: "a UUID in canonical text form" (the spellings uuid.UUID also reads are not).
+    canonical = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    for spelling in (canonical.replace("-", ""), "{" + canonical + "}", "urn:uuid:" + canonical,
+                     canonical + "\n", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1\u0661"):
+        with pytest.raises(InvalidArgument, match="f: not a UUID"):
+            parse_uuid("f", spelling)
 
 
 def test_page_size() -> None:

@@ -1,15 +1,20 @@
-//! UUID text in and out: clients may send any common spelling, we always answer with the
-//! canonical lower-case hyphenated form (what PostgreSQL's `uuid` type prints, so ids compare
-//! equal as strings across the API).
+//! UUID text in and out: clients send the canonical hyphenated form in any letter case (API.md:
+//! "a UUID in canonical text form"), we always answer with it in lower case (what PostgreSQL's
+//! `uuid` type prints, so ids compare equal as strings across the API).
 
 use uuid::{Builder, Uuid};
 
 /// Length of the canonical text form, `8-4-4-4-12`.
 pub const TEXT_LEN: usize = 36;
 
-/// Parses a UUID in any letter case, hyphenated (`8-4-4-4-12`), 32 hex digits, braced
-/// (`{...}`) or URN (`urn:uuid:...`) form.
+/// Parses a UUID in the canonical hyphenated form (`8-4-4-4-12` hex digits), in any letter
+/// case. The other spellings the `uuid` crate (and PostgreSQL) read — 32 bare digits, braced,
+/// URN — are not UUIDs to the API: another server of the same contract would refuse them.
 pub fn parse(text: &[u8]) -> Option<[u8; 16]> {
+    if text.len() != TEXT_LEN {
+        return None;
+    }
+    // At this length the crate reads only the hyphenated form.
     Uuid::try_parse_ascii(text).ok().map(Uuid::into_bytes)
 }
 
@@ -51,15 +56,11 @@ mod tests {
     ];
 
     #[test]
-    fn accepts_every_spelling_in_any_case() {
+    fn accepts_the_canonical_form_in_any_case() {
         for text in [
             "6f9b1c2d-3e4f-4051-8263-748596a7b8c9",
             "6F9B1C2D-3E4F-4051-8263-748596A7B8C9",
             "6f9B1c2D-3e4F-4051-8263-748596a7B8c9",
-            "6f9b1c2d3e4f40518263748596a7b8c9",
-            "{6f9b1c2d-3e4f-4051-8263-748596a7b8c9}",
-            "urn:uuid:6f9b1c2d-3e4f-4051-8263-748596a7b8c9",
-            "URN:UUID:6F9B1C2D-3E4F-4051-8263-748596A7B8C9",
         ] {
             assert_eq!(parse(text.as_bytes()), Some(ID), "{text}");
         }
@@ -77,6 +78,13 @@ mod tests {
             " 6f9b1c2d-3e4f-4051-8263-748596a7b8c9",
             "{6f9b1c2d-3e4f-4051-8263-748596a7b8c9",
             "6f9b1c2d-3e4f-4051-8263-748596a7b8c9\0",
+            // Spellings that are not the canonical text form.
+            "6f9b1c2d3e4f40518263748596a7b8c9",
+            "{6f9b1c2d-3e4f-4051-8263-748596a7b8c9}",
+            "urn:uuid:6f9b1c2d-3e4f-4051-8263-748596a7b8c9",
+            "URN:UUID:6F9B1C2D-3E4F-4051-8263-748596A7B8C9",
+            "6f9b1c2d3-e4f-4051-8263-748596a7b8c9",
+            "6f9b1c2d+3e4f+4051+8263+748596a7b8c9",
         ] {
             assert_eq!(parse(text.as_bytes()), None, "{text:?}");
         }
