@@ -498,7 +498,9 @@ const COPY_LOST: i32 = -3;
 impl PyLibpq {
     #[new]
     fn new(path: &str) -> PyResult<Self> {
-        libpq::Libpq::loaded(path).map(Self).map_err(PyOSError::new_err)
+        libpq::Libpq::loaded(path)
+            .map(Self)
+            .map_err(PyOSError::new_err)
     }
 
     fn copy_out<'py>(
@@ -512,7 +514,8 @@ impl PyLibpq {
             // COPY_OUT, used by no one else until this returns.
             #[allow(unsafe_code)]
             unsafe {
-                self.0.copy_out(pgconn_ptr as *mut std::ffi::c_void, &mut rows)
+                self.0
+                    .copy_out(pgconn_ptr as *mut std::ffi::c_void, &mut rows)
             }
         });
         let status = match end {

@@ -150,7 +150,10 @@ fn stream_id_in_any_case_but_only_in_canonical_form() {
         format!("urn:uuid:{STREAM}"),
     ] {
         r.stream_id = spelling.clone().into();
-        assert_eq!(reject(&r), format!(r#"stream_id: not a UUID: "{spelling}""#));
+        assert_eq!(
+            reject(&r),
+            format!(r#"stream_id: not a UUID: "{spelling}""#)
+        );
     }
 }
 
