@@ -14,6 +14,7 @@ __all__ = [
     "Http2Error",
     "InvalidRequest",
     "RequestTooLarge",
+    "check_json",
     "check_versions",
     "encode_copy",
     "encode_event_list",
@@ -104,6 +105,11 @@ class AppendRequest:
         multiple of it. Raises ValueError when first_version or first_position is below 1 or
         the last version/position would overflow int64.
         """
+
+def check_json(doc: bytes) -> bool:
+    """Whether ``doc``, one JSON document that PostgreSQL's jsonb accepts (the rules event data
+    is checked by), is an object at its top level. Raises InvalidRequest with the reason, e.g.
+    ``expected value at line 1 column 1``."""
 
 def check_versions(
     current: Sequence[int],

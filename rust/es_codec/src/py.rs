@@ -226,6 +226,16 @@ impl PyAppendRequest {
     }
 }
 
+/// Checks that `doc` is one JSON document PostgreSQL's jsonb accepts, by the rules event data
+/// is checked by (`json::validate`): whether its top level is an object; `InvalidRequest`
+/// with the reason (e.g. `expected value at line 1 column 1`) otherwise.
+#[pyfunction]
+fn check_json(py: Python<'_>, doc: &[u8]) -> PyResult<bool> {
+    maybe_allow_threads(py, doc.len() >= RELEASE_GIL_AT, || json::validate(doc))
+        .map(|top| top == json::TopLevel::Object)
+        .map_err(|e| InvalidRequest::new_err(e.0))
+}
+
 /// The optimistic-concurrency check of a batch; see `versions::check_versions`.
 #[pyfunction]
 #[allow(clippy::needless_pass_by_value)] // PyO3 can only extract a list into an owned Vec.
@@ -538,6 +548,7 @@ fn es_codec_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyAppendRequest>()?;
     m.add_class::<PyLibpq>()?;
     m.add("COPY_LOST", COPY_LOST)?;
+    m.add_function(wrap_pyfunction!(check_json, m)?)?;
     m.add_function(wrap_pyfunction!(check_versions, m)?)?;
     m.add_function(wrap_pyfunction!(encode_copy, m)?)?;
     m.add_function(wrap_pyfunction!(insert_sql, m)?)?;

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-import orjson
 import psycopg
 import trio
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -23,6 +22,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from eventstore import audit
+from eventstore._es_codec import InvalidRequest, check_json
 from eventstore.config import Settings
 from eventstore.db.connection import APPLICATION_NAME, SESSION_OPTIONS, keepalives_for
 from eventstore.db.errors import is_connection_error, to_domain
@@ -56,16 +56,16 @@ class StoredSnapshot:
 
 
 def check_snapshot_data(data: bytes, limit: int) -> None:
-    """A snapshot payload must be a JSON document within the size limit. (PostgreSQL's jsonb
-    then refuses what JSON allows but it does not, such as \\u0000; that surfaces as
-    INVALID_ARGUMENT through the database → domain seam.)"""
+    """A snapshot payload must be a JSON document within the size limit that PostgreSQL's
+    jsonb accepts, by the rules event data is checked by (the Rust extension's: `1e400` is
+    a jsonb number, `\\u0000` is refused here rather than by the database)."""
     if not data:
         raise InvalidArgument("data: required (a JSON document)")
     if len(data) > limit:
         raise LimitExceeded(f"data: {len(data)} bytes, over the limit of {limit}")
     try:
-        orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        check_json(data)
+    except InvalidRequest as exc:
         raise InvalidArgument(f"data: invalid JSON: {exc}") from None
 
 
