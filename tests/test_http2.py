@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import struct
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import h2.config
@@ -389,9 +390,12 @@ def test_compressed_messages_are_bounded_and_refused_with_a_status(
     client.send_data(1, _compressed(body), end_stream=True)
     events = server.receive_data(client.data_to_send())
     assert [type(e) for e in events] == [RequestReceived, RequestEnded, WindowUpdated]
-    assert events[1].refused == StatusCode(int(status))  # what the handler is told
     trailers = _trailers(client.receive_data(server.data_to_send()))
     assert trailers[b"grpc-status"] == status and words in trailers[b"grpc-message"]
+    # What the handler is told (for a write's audit line): the status the client got.
+    assert events[1].refused.status_code == StatusCode(int(status))
+    assert (events[1].refused.status_message
+            == urllib.parse.unquote(trailers[b"grpc-message"].decode()))
     assert not server._streams
     assert server._received == len(_compressed(body))  # credited back to the connection
 
@@ -1005,7 +1009,10 @@ async def test_a_request_that_never_arrives_in_full_is_let_go() -> None:
     async def echo(raw: bytes, request: RequestReceived) -> bytes:
         return raw
 
-    server = GrpcServer({"pkg.Service/Method": Method(unary=echo)}, max_request_bytes=1 << 20,
+    told: list[tuple[str, str]] = []
+    method = Method(unary=echo, refused=lambda request, outcome, reason, seconds: told.append(
+        (outcome, reason)))
+    server = GrpcServer({"pkg.Service/Method": method}, max_request_bytes=1 << 20,
                         request_seconds=0.3,
                         observe=lambda method, code, seconds: seen.append((method, code)))
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -1034,6 +1041,8 @@ async def test_a_request_that_never_arrives_in_full_is_let_go() -> None:
         await sock.aclose()
         nursery.cancel_scope.cancel()
     assert seen == [("Method", "DEADLINE_EXCEEDED"), ("Method", "OK")]
+    # The method hears of it (a write's audit line).
+    assert told == [("DeadlineExceeded", "the request did not arrive in full within 0.3 s")]
 
 
 def _parse_frames(buffer: bytes) -> tuple[list[tuple[int, int, int, bytes]], bytes]:

@@ -245,6 +245,50 @@ async def test_every_write_is_audited(server: ServerInfo,
                for r in records)
 
 
+async def test_writes_the_transport_refuses_are_audited(
+        nursery: trio.Nursery, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A write answered before its handler runs — over the request size limit, over the
+    transport's limit once decompressed, not there in time — still gets its audit line
+    (README: every write, refused writes included). Reads refused so get none."""
+    from eventstore.v1 import eventstore_pb2 as pb
+
+    caplog.set_level("INFO", logger="eventstore.audit")
+    settings = make_settings(database_url, max_request_bytes=64 * 1024, request_read_seconds=0.5)
+    info: ServerInfo = await nursery.start(lambda task_status: serve(
+        settings, task_status=task_status))
+    stream = str(uuid.uuid4())
+    big = pb.NewEvent(event_type="Big", data=orjson.dumps({"x": "y" * (100 * 1024)}))
+    service = "/eventstore.v1.EventStoreService/"
+
+    def refused(method: str, request: Any, **options: Any) -> tuple[str, str]:
+        with grpc.insecure_channel(f"127.0.0.1:{info.port}") as channel:
+            call = channel.unary_unary(service + method,
+                                       request_serializer=lambda m: m.SerializeToString())
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, timeout=30, **options)
+        return err.value.code().name, err.value.details()  # type: ignore[attr-defined]
+
+    over = await trio.to_thread.run_sync(lambda: refused("AppendEvents", pb.AppendEventsRequest(
+        stream_id=stream, stream_type="Deck", events=[big])))
+    assert over[0] == "RESOURCE_EXHAUSTED" and "over the limit of 65536" in over[1]
+    # 33 MiB once decompressed: the connection itself refuses it, whatever the setting.
+    bomb = pb.SaveSnapshotRequest(stream_id=stream, stream_type="Deck", version=1,
+                                  data=b'"' + b"z" * (33 << 20) + b'"')
+    unread = await trio.to_thread.run_sync(lambda: refused(
+        "SaveSnapshot", bomb, compression=grpc.Compression.Gzip))
+    assert unread[0] == "RESOURCE_EXHAUSTED" and "decompresses to over" in unread[1]
+    read = await trio.to_thread.run_sync(lambda: refused("GetEvents", pb.GetEventsRequest(
+        stream_id=stream, stream_type="D" * (70 * 1024))))
+    assert read[0] == "RESOURCE_EXHAUSTED" and "over the limit of 65536" in read[1]
+    records = [r for r in caplog.records if r.name == "eventstore.audit"]
+    assert [(r.operation, r.outcome, r.caller, r.reason) for r in records] == [  # type: ignore[attr-defined]
+        ("append", "LimitExceeded", "anonymous", over[1]),
+        ("snapshot_save", "LimitExceeded", "anonymous", unread[1]),
+    ]
+    assert all(str(r.peer).startswith("127.0.0.1:") and r.duration_ms >= 0  # type: ignore[attr-defined]
+               for r in records)
+
+
 @pytest.mark.slow
 async def test_graceful_shutdown_answers_in_flight_appends(
         nursery: trio.Nursery, database_url: str) -> None:

@@ -572,7 +572,7 @@ class ServerConnection:
             del self._streams[stream_id]
 
     def _drop(self, stream_id: int, stream: _Stream, events: list[Any],
-              refused: StatusCode | None = None) -> None:
+              refused: Status | None = None) -> None:
         """Forget a stream that was reset (by either side): its handler gets the end of the
         request if it waits for it (carrying `refused`, the status the connection answered
         the call with, if it did), a sender waiting for the window wakes and finds the
@@ -590,7 +590,7 @@ class ServerConnection:
             events.append(StreamReset(stream_id))
 
     def _reset(self, stream_id: int, stream: _Stream, code: int, events: list[Any],
-               refused: StatusCode | None = None) -> None:
+               refused: Status | None = None) -> None:
         self._frame(RST_STREAM, 0, stream_id, _U32.pack(code))
         self._drop(stream_id, stream, events, refused)
 
@@ -598,8 +598,9 @@ class ServerConnection:
                 events: list[Any], ended: bool) -> None:
         """Answer a call whose request cannot be read with a status, and stop its request
         unless it has `ended` (then the stream is closed, and nothing more may go on it)."""
+        refused = Status(code, message)
         if stream.local_open:
-            status = _status_headers(Status(code, message))
+            status = _status_headers(refused)
             if stream.headers_sent:
                 block = _encode(status)
             else:
@@ -607,9 +608,9 @@ class ServerConnection:
                                  *status])
             self._frame(HEADERS, END_HEADERS | END_STREAM, stream_id, self._block(block))
         if ended:
-            self._drop(stream_id, stream, events, code)
+            self._drop(stream_id, stream, events, refused)
         else:
-            self._reset(stream_id, stream, NO_ERROR, events, code)
+            self._reset(stream_id, stream, NO_ERROR, events, refused)
 
     def _credit(self, stream: _Stream) -> None:
         if stream.undelivered:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import trio
@@ -68,6 +68,15 @@ def parse_append(raw: bytes, settings: Settings,
         raise InvalidArgument(str(exc)) from None
 
 
+def _audit_refused(operation: str) -> Callable[[RequestReceived, str, str, float], None]:
+    """The audit line of a write the transport refused before its request could be read
+    (over the size limit, not decompressible, too slow to arrive): who tried, and why."""
+    def refused(request: RequestReceived, outcome: str, reason: str, seconds: float) -> None:
+        audit.record(operation, **audit.caller_of(request), outcome=outcome, seconds=seconds,
+                     stream_id=None, stream_type=None, reason=reason)
+    return refused
+
+
 class EventStoreService:
     def __init__(self, settings: Settings, writer: AppendWriter, reader: Reader,
                  feed: LiveFeed, snapshots: Snapshots) -> None:
@@ -80,11 +89,13 @@ class EventStoreService:
     def methods(self) -> dict[str, Method]:
         prefix = SERVICE_NAME + "/"
         return {
-            prefix + "AppendEvents": Method(unary=self.append_events),
+            prefix + "AppendEvents": Method(unary=self.append_events,
+                                            refused=_audit_refused("append")),
             prefix + "GetEvents": Method(unary=self.get_events),
             prefix + "ReadAll": Method(unary=self.read_all),
             prefix + "GetSnapshot": Method(unary=self.get_snapshot),
-            prefix + "SaveSnapshot": Method(unary=self.save_snapshot),
+            prefix + "SaveSnapshot": Method(unary=self.save_snapshot,
+                                            refused=_audit_refused("snapshot_save")),
             prefix + "SubscribeToStream": Method(stream=self.subscribe_to_stream),
             prefix + "SubscribeToAll": Method(stream=self.subscribe_to_all),
         }

@@ -520,6 +520,20 @@ class Method:
     stream: StreamHandler | None = None
     # Callable without credentials (the health service: load balancers probe it).
     public: bool = False
+    # Told (request, outcome, reason, seconds) of a call the transport answered before its
+    # handler could run (a request over the size limit, one that cannot be decompressed or
+    # did not arrive in time): a write's audit line. `outcome` is the domain error's name.
+    refused: Callable[[RequestReceived, str, str, float], None] | None = None
+
+
+# The outcome (domain error name) of a call refused by the transport, by its status.
+_REFUSAL_OUTCOMES = {
+    StatusCode.RESOURCE_EXHAUSTED: "LimitExceeded",
+    StatusCode.INVALID_ARGUMENT: "InvalidArgument",
+    StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    StatusCode.UNIMPLEMENTED: "Unimplemented",
+    StatusCode.INTERNAL: "Internal",
+}
 
 
 class GrpcServer:
@@ -641,7 +655,7 @@ class GrpcServer:
         event.after_reply = deferred
         try:
             if method.stream is None:
-                code = await self._handle(stream, event, method, certificate)
+                code = await self._handle(stream, event, method, certificate, started)
             else:
                 with trio.CancelScope() as scope:
                     stream.cancel_on_reset = scope
@@ -650,7 +664,7 @@ class GrpcServer:
                     timeout = getattr(event, "timeout", None)
                     if timeout is not None:
                         scope.deadline = trio.current_time() + timeout.total_seconds()
-                    code = await self._handle(stream, event, method, certificate)
+                    code = await self._handle(stream, event, method, certificate, started)
                 if scope.cancelled_caught:
                     code = "CANCELLED"
                     if not stream.was_reset and not stream.answered:  # the deadline passed
@@ -689,7 +703,7 @@ class GrpcServer:
                               f"{self._request_seconds:g} s")
 
     async def _handle(self, stream: _EagerStream, event: RequestReceived,
-                      method: Method, certificate: Any) -> str:
+                      method: Method, certificate: Any, started: float) -> str:
         """Read the call's request, run its handler and answer; the status code it ended with
         (a cancellation propagates).
 
@@ -709,18 +723,32 @@ class GrpcServer:
                         self._refused(event.method_name, str(getattr(event, "peer", "")),
                                       refusal.message)
                     raise
-            raw = await self._request_message(stream)
-            if raw is None:
-                refused = getattr(stream._end_stream_event, "refused", None)
-                if refused is not None:
-                    # The connection has answered the call itself (a message it could not
-                    # read: too large, or compressed in a way it cannot undo).
-                    return str(refused.name)
-                raise _BadRequest("the request has no message")
-            if len(raw) > self._max_request_bytes:
-                raise LimitExceeded(
-                    f"request: {len(raw)} bytes, over the limit of {self._max_request_bytes}"
-                )
+            try:
+                raw = await self._request_message(stream)
+                if raw is None:
+                    refused = getattr(stream._end_stream_event, "refused", None)
+                    if refused is not None:
+                        # The connection has answered the call itself (a message it could
+                        # not read: too large, or compressed in a way it cannot undo).
+                        _tell_refused(method, event, refused, started)
+                        return str(refused.status_code.name)
+                    raise _BadRequest("the request has no message")
+                if len(raw) > self._max_request_bytes:
+                    raise LimitExceeded(
+                        f"request: {len(raw)} bytes, over the limit of {self._max_request_bytes}"
+                    )
+            except _BadRequest as bad:
+                _tell_refused(method, event, Status(StatusCode.INVALID_ARGUMENT, str(bad)),
+                              started)
+                raise
+            except _RequestTooSlow as slow:
+                _tell_refused(method, event, Status(StatusCode.DEADLINE_EXCEEDED, str(slow)),
+                              started)
+                raise
+            except LimitExceeded as over:
+                _tell_refused(method, event,
+                              Status(StatusCode.RESOURCE_EXHAUSTED, over.message), started)
+                raise
             if method.unary is not None:
                 reply = await method.unary(bytes(raw), event)
                 await stream.send_unary(reply)
@@ -754,6 +782,21 @@ class GrpcServer:
         with contextlib.suppress(*CLIENT_GONE):  # then nobody is left to tell
             await stream.close(status, custom_metadata=trailers)
         return str(status.status_code.name)
+
+
+def _tell_refused(method: Method, event: RequestReceived, status: Status,
+                  started: float) -> None:
+    """Tell `method` of its call answered with `status` by the transport (see
+    `Method.refused`)."""
+    if method.refused is None:
+        return
+    code = status.status_code
+    try:
+        method.refused(event, _REFUSAL_OUTCOMES.get(code, code.name), status.status_message,
+                       time.perf_counter() - started)
+    except Exception:
+        log.exception("telling %s/%s of its refused call failed", event.service_name,
+                      event.method_name)
 
 
 async def _one_message(stream: _EagerStream) -> Any:
