@@ -88,7 +88,11 @@ async def test_grpc_health_check(server: ServerInfo) -> None:
     assert await trio.to_thread.run_sync(health_check, server.port) == 1  # SERVING
     assert await trio.to_thread.run_sync(
         health_check, server.port, "eventstore.v1.EventStoreService") == 1
-    assert await trio.to_thread.run_sync(health_check, server.port, "other.Service") == 3
+    # The health checking protocol: Check of an unknown service ends NOT_FOUND.
+    with pytest.raises(grpc.RpcError) as err:
+        await trio.to_thread.run_sync(health_check, server.port, "other.Service")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert '"other.Service" is not served here' in err.value.details()  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow
@@ -334,12 +338,13 @@ async def test_graceful_shutdown_answers_in_flight_appends(
 
 
 async def test_grpc_health_watch_follows_readiness(server: ServerInfo) -> None:
-    def first_status() -> int:
+    def first_status(service: bytes = b"") -> int:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
                                          request_serializer=lambda b: b,
                                          response_deserializer=lambda b: b)
-            call = watch(b"", timeout=10)
+            call = watch(b"\x0a" + bytes([len(service)]) + service if service else b"",
+                         timeout=10)
             try:
                 reply: bytes = next(iter(call))
             finally:
@@ -347,6 +352,8 @@ async def test_grpc_health_watch_follows_readiness(server: ServerInfo) -> None:
         return reply[1]
 
     assert await trio.to_thread.run_sync(first_status) == 1  # SERVING
+    # Watch of an unknown service says so, and would go on (the protocol).
+    assert await trio.to_thread.run_sync(first_status, b"other.Service") == 3  # SERVICE_UNKNOWN
 
 
 async def test_an_append_past_its_deadline_is_still_stored_and_audited(

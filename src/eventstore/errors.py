@@ -33,6 +33,11 @@ class WrongExpectedVersion(EventStoreError):
         self.actual = actual
 
 
+class NotFound(EventStoreError):
+    """Raised when a call names something the server does not have (a health check of a
+    service it does not serve)."""
+
+
 class AlreadyExists(EventStoreError):
     """Raised when an event id is reused for another event, or a snapshot version is saved
     again with other data."""

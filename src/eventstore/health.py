@@ -18,7 +18,7 @@ from purerpc.grpclib.events import RequestReceived
 
 from eventstore.db.connection import connect
 from eventstore.db.migrations import pending_migrations
-from eventstore.errors import InvalidArgument
+from eventstore.errors import InvalidArgument, NotFound
 from eventstore.grpc.transport import Method
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,13 @@ class Health:
                 f"{HEALTH_SERVICE}/Watch": Method(stream=self._grpc_watch, public=True)}
 
     async def _grpc_check(self, raw: bytes, request: RequestReceived) -> bytes:
-        return _status_message(self.serving_status(_service_name(raw)))
+        # The health checking protocol: Check of a service the server does not know ends
+        # NOT_FOUND (Watch sends SERVICE_UNKNOWN instead, and goes on).
+        service = _service_name(raw)
+        status = self.serving_status(service)
+        if status == SERVICE_UNKNOWN:
+            raise NotFound(f'service: "{service[:64]}" is not served here')
+        return _status_message(status)
 
     async def _grpc_watch(self, raw: bytes, request: RequestReceived) -> AsyncIterator[bytes]:
         service = _service_name(raw)
