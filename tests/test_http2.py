@@ -382,11 +382,14 @@ def _trailers(seen: list[object]) -> dict[bytes, bytes]:
     ("gzip", gzip.compress(b"x" * (33 << 20)), b"8", b"decompresses%20to%20over"),
     ("gzip", b"not gzip", b"13", b"corrupt"),
     ("br", b"whatever", b"12", b"not%20supported"),
+    # Flagged compressed without an encoding: INTERNAL (as grpc-go answers).
+    ("identity", gzip.compress(b"{}"), b"13", b"no%20grpc-encoding"),
+    (None, gzip.compress(b"{}"), b"13", b"no%20grpc-encoding"),
 ])
 def test_compressed_messages_are_bounded_and_refused_with_a_status(
-        encoding: str, body: bytes, status: bytes, words: bytes) -> None:
+        encoding: str | None, body: bytes, status: bytes, words: bytes) -> None:
     server, client = _pair()
-    client.send_headers(1, [*REQUEST, ("grpc-encoding", encoding)])
+    client.send_headers(1, [*REQUEST, *([("grpc-encoding", encoding)] if encoding else [])])
     client.send_data(1, _compressed(body), end_stream=True)
     events = server.receive_data(client.data_to_send())
     assert [type(e) for e in events] == [RequestReceived, RequestEnded, WindowUpdated]

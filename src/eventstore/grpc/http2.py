@@ -207,7 +207,11 @@ class _MessageReader:
         return length + 5
 
     def _decompress(self, data: bytes) -> bytes:
-        wbits = {"gzip": 31, "deflate": 15}.get(self._encoding or "")
+        if self._encoding in (None, "identity"):
+            # The protocol: the flag must be 0 without an encoding (grpc-go: INTERNAL too).
+            raise _BadMessage(StatusCode.INTERNAL, "the message is flagged compressed but "
+                              "the request has no grpc-encoding")
+        wbits = {"gzip": 31, "deflate": 15}.get(self._encoding)
         if wbits is None:
             raise UnsupportedMessageEncodingError(
                 f"message encoding {self._encoding!r} is not supported")
