@@ -225,6 +225,18 @@ async def seed(admin: Any, types: tuple[str, ...] = TYPES) -> dict[str, str]:
     return streams
 
 
+def _any_key(keys: Path, name: str, rights: dict[str, Any]) -> tuple[str, str]:
+    """create_key, also for a key with no permissions at all, which `keys create` refuses to
+    make but a file edited by hand may hold."""
+    if any(rights.values()):
+        return create_key(keys, name, **rights)
+    key_id, key = create_key(keys, name, read=["placeholder"])
+    data = json.loads(keys.read_text())
+    next(e for e in data["keys"] if e["id"] == key_id)["read"] = []
+    keys.write_text(json.dumps(data))
+    return key_id, key
+
+
 @pytest.mark.parametrize(("profile", "header"),
                          [(p, "authorization") for p in PROFILES] + [("read_write",
                                                                      "x-api-key")])
@@ -234,7 +246,7 @@ async def test_permission_matrix(nursery: trio.Nursery, database_url: str, keys:
     key's read / write / admin say; nothing is written by a refused call."""
     _, admin_key = create_key(keys, "admin-tool", admin=True)
     name = f"svc-{profile}"
-    _, key = create_key(keys, name, **PROFILES[profile])
+    _, key = _any_key(keys, name, PROFILES[profile])
     info = await start_with_keys(nursery, database_url, keys)
     rights = PROFILES[profile]
     async with open_client(kind, info.port, bearer(admin_key)) as admin:
@@ -874,6 +886,21 @@ async def test_cli_create_list_revoke(nursery: trio.Nursery, database_url: str,
     await run_cli("allow-certificate", "CN=progress,O=example", "--name", "progress",
                   "--read", "*", "--file", str(keys))
     assert json.loads(read_file(keys))["certificates"][0]["name"] == "progress"
+    listing = await run_cli("list", "--file", str(keys))
+    assert "certificate 'CN=progress,O=example'  progress" in listing
+    assert "read=* write=-" in listing.splitlines()[-1]
+    as_json = json.loads(await run_cli("list", "--json", "--file", str(keys)))
+    assert [k["id"] for k in as_json["keys"]] == [key_id]
+    assert as_json["certificates"] == [{"subject": "CN=progress,O=example", "name": "progress",
+                                        "read": ["*"], "write": [], "admin": False}]
+    # An entry that could call nothing is refused (a mistake: it would only confuse).
+    for command in (["create", "nobody"], ["allow-certificate", "CN=x", "--name", "x"]):
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [sys.executable, "-m", "eventstore", "keys", *command, "--file", str(keys)],
+                capture_stdout=True, capture_stderr=True, check=False)
+        assert done.returncode != 0 and b"would have no permissions" in done.stderr
+    assert len(list_keys(keys)) == 1
 
     info = await start_with_keys(nursery, database_url, keys)
     async with open_client("purerpc", info.port, bearer(key)) as client:
@@ -1163,11 +1190,11 @@ def test_concurrent_key_commands_do_not_undo_each_other(tmp_path: Path) -> None:
     """Each `eventstore keys` command edits the file under a lock: a revocation racing a
     creation must not be lost (that would bring a key back)."""
     keys = tmp_path / "keys.json"
-    old_ids = [create_key(keys, f"svc{i}")[0] for i in range(10)]
+    old_ids = [create_key(keys, f"svc{i}", read=["*"])[0] for i in range(10)]
 
     def creator() -> None:
         for i in range(10):
-            create_key(keys, f"new{i}")
+            create_key(keys, f"new{i}", read=["*"])
 
     def revoker() -> None:
         for key_id in old_ids:

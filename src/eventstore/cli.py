@@ -172,25 +172,33 @@ def keys_create(name: str, read: tuple[str, ...], write: tuple[str, ...], admin:
               "left out).")
 @_file_option
 def keys_list(as_json: bool, path: str) -> None:
-    """List keys: id, name, permissions, created, revoked."""
+    """List keys (id, name, permissions, created, revoked), then the certificate subjects
+    allowed to call without a key (subject, name, permissions)."""
     import msgspec
 
-    from eventstore.auth.keyfile import KeyFileError, list_keys
+    from eventstore.auth.keyfile import KeyFileError, load
 
     try:
-        entries = list_keys(path)
+        entries = load(path)
     except KeyFileError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        rows = [{k: v for k, v in msgspec.structs.asdict(e).items() if k != "hash"}
-                for e in entries]
+        rows = {"keys": [{k: v for k, v in msgspec.structs.asdict(e).items() if k != "hash"}
+                         for e in entries.keys],
+                "certificates": [msgspec.structs.asdict(c) for c in entries.certificates]}
         click.echo(msgspec.json.encode(rows).decode())
         return
-    for e in entries:
+
+    def permissions(read: list[str], write: list[str], admin: bool) -> str:
+        return "admin" if admin else f"read={','.join(read) or '-'} write={','.join(write) or '-'}"
+
+    for e in entries.keys:
         state = f"revoked {e.revoked_at}" if e.revoked_at else "active"
-        perms = "admin" if e.admin else (
-            f"read={','.join(e.read) or '-'} write={','.join(e.write) or '-'}")
-        click.echo(f"{e.id}  {e.name:<20} {perms}  created {e.created_at}  {state}")
+        click.echo(f"{e.id}  {e.name:<20} {permissions(e.read, e.write, e.admin)}"
+                   f"  created {e.created_at}  {state}")
+    for c in entries.certificates:
+        click.echo(f"certificate {c.subject!r}  {c.name:<20} "
+                   f"{permissions(c.read, c.write, c.admin)}")
 
 
 @keys.command("revoke")

@@ -155,6 +155,13 @@ def _editing(path: str | os.PathLike[str]) -> Iterator[KeysFile]:
         yield load(path)
 
 
+def _check_some_permission(where: str, read: list[str], write: list[str], admin: bool) -> None:
+    """An entry that may do nothing could call only the health service: surely a mistake."""
+    if not (read or write or admin):
+        raise KeyFileError(f"{where} would have no permissions (it could call only the health "
+                           "service): give it read or write patterns, or admin")
+
+
 def create_key(path: str | os.PathLike[str], name: str, *, read: Iterable[str] = (),
                write: Iterable[str] = (), admin: bool = False) -> tuple[str, str]:
     """Add a new key for the service `name`; return (its id, its text). The text is not
@@ -163,6 +170,7 @@ def create_key(path: str | os.PathLike[str], name: str, *, read: Iterable[str] =
         raise KeyFileError("the key's name (the calling service) must not be empty")
     read, write = list(read), list(write)
     _check_patterns("the new key", [*read, *write])
+    _check_some_permission("the new key", read, write, admin)
     with _editing(path) as keys:
         key_id = secrets.token_hex(8)
         while any(entry.id == key_id for entry in keys.keys):
@@ -198,6 +206,7 @@ def allow_certificate(path: str | os.PathLike[str], subject: str, name: str, *,
         raise KeyFileError("subject and name must not be empty")
     read, write = list(read), list(write)
     _check_patterns(f"certificate {subject!r}", [*read, *write])
+    _check_some_permission(f"certificate {subject!r}", read, write, admin)
     with _editing(path) as keys:
         keys.certificates = [c for c in keys.certificates if c.subject != subject]
         keys.certificates.append(CertificateEntry(subject=subject, name=name, read=read,
