@@ -1,9 +1,10 @@
-"""The command line: `eventstore serve`, `migrate`, `tail`, `keys`."""
+"""The command line: `eventstore serve`, `migrate`, `backup`, `restore`, `tail`, `keys`."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import click
@@ -62,6 +63,89 @@ def migrate() -> None:
         url = start_embedded(settings).url()
     applied = apply(url)
     click.echo("applied: " + ", ".join(applied) if applied else "already up to date")
+
+
+_backup_dir_option = click.option(
+    "--dir", "backup_dir", envvar="BACKUP_DIR", required=True,
+    type=click.Path(file_okay=False), help="The backup directory (default: $BACKUP_DIR).")
+
+
+@main.command()
+@_backup_dir_option
+@click.option("--keep", type=click.IntRange(min=1), envvar="BACKUP_KEEP", default=7,
+              show_default=True, help="Base backups to keep (default: $BACKUP_KEEP).")
+def backup(backup_dir: str, keep: int) -> None:
+    """Take a base backup now, then keep the newest --keep (and the WAL they need).
+
+    Of DATABASE_URL's database (its role needs the REPLICATION attribute), or else of the
+    embedded PostgreSQL in EVENTSTORE_DATA_DIR, whether `eventstore serve` runs or not.
+    Prints the new backup's directory.
+    """
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    from eventstore.backup import BackupError, backup_path, prune, take_base_backup
+    from eventstore.server import start_embedded
+
+    url = settings.database_url
+    embedded = None
+    if url is None:
+        embedded = start_embedded(settings)
+        url = embedded.url()
+    try:
+        directory = backup_path(backup_dir)
+        path = take_base_backup(url, directory)
+        deleted = prune(directory, keep)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if embedded is not None:
+            embedded.close()
+    for old in deleted:
+        click.echo(f"deleted {old}", err=True)
+    click.echo(str(path))
+
+
+def _moment(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"not an ISO 8601 time: {value!r}") from None
+    if moment.tzinfo is None:
+        raise click.BadParameter("give the time zone, e.g. 2026-11-29T12:00:00Z")
+    return moment
+
+
+@main.command()
+@_backup_dir_option
+@click.option("--to", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="A new data directory for the recovered store (EVENTSTORE_DATA_DIR).")
+@click.option("--until", default=None, metavar="TIME",
+              help="Recover the commits made before this moment (ISO 8601 with a time zone, "
+                   "e.g. 2026-11-29T12:00:00Z); default: every commit the archive holds.")
+def restore(backup_dir: str, data_dir: str, until: str | None) -> None:
+    """Recover the store from a backup into a new data directory (point-in-time recovery).
+
+    Starts from the newest base backup taken before --until and replays the archived WAL up
+    to it; then `EVENTSTORE_DATA_DIR=<--to> eventstore serve` serves the recovered store.
+    """
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    from pathlib import Path
+
+    from eventstore.backup import BackupError, backup_path
+    from eventstore.backup import restore as recover
+
+    moment = _moment(until)
+    try:
+        base, _ = recover(backup_path(backup_dir), Path(data_dir).expanduser().resolve(),
+                          moment)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"recovered from base backup {base}"
+               + (f" up to {moment.isoformat()}" if moment else " up to the archive's end")
+               + f"; serve it with EVENTSTORE_DATA_DIR={data_dir} eventstore serve")
 
 
 @main.command()

@@ -83,6 +83,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     tls_key_file: str | None = None
     # Makes client certificates signed by this CA required (mTLS).
     tls_client_ca_file: str | None = None
+    # Backups (README "Backup and recovery"): base backups every BACKUP_INTERVAL_HOURS into
+    # BACKUP_DIR (unset: none), the newest BACKUP_KEEP kept; the embedded PostgreSQL also
+    # archives its WAL there, for recovery to any moment.
+    backup_dir: str | None = None
+    backup_interval_hours: Annotated[float, msgspec.Meta(gt=0)] = 24.0
+    backup_keep: Positive = 7
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 

@@ -73,3 +73,8 @@ class EmbeddedPostgres:
 
     def start(self) -> None:
         self._server.ensure_postgres_running()
+
+    def close(self) -> None:
+        """Stop the server unless another process of ours uses it too (`eventstore serve`
+        while a command runs), and forget it: nothing is left to do at exit."""
+        self._server.cleanup()

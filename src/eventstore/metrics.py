@@ -73,6 +73,12 @@ class Metrics:
             "eventstore_snapshots_saved_total", "Snapshots saved by this server.", registry=r)
         self.snapshots_deleted = Counter(
             "eventstore_snapshots_deleted_total", "Snapshots deleted by retention.", registry=r)
+        self.backups = Counter(
+            "eventstore_backups_total", "Base backups this server took (BACKUP_DIR), by "
+            "outcome.", ["outcome"], registry=r)
+        self.backup_last_success = Gauge(
+            "eventstore_backup_last_success_timestamp_seconds", "When the newest base backup "
+            "in BACKUP_DIR started (Unix time; 0: none).", registry=r)
         self._grpc_children: dict[tuple[str, str], Any] = {}
         self.database_up = Gauge(
             "eventstore_database_up", "1 when the database answered the last health check.",

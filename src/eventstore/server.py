@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import trio
@@ -12,6 +13,7 @@ import trio
 from eventstore import audit
 from eventstore.auth.authenticator import Authenticator
 from eventstore.auth.tls import server_context
+from eventstore.backup import archive_now, backup_path, enable_archiving, run_backups
 from eventstore.config import Settings
 from eventstore.db.connection import connect
 from eventstore.db.migrations import apply_migrations
@@ -61,6 +63,9 @@ def migrate(url: str) -> list[str]:
 FLUSH_SECONDS = 0.5
 # How long the GOAWAYs get before the connections close.
 GOAWAY_SECONDS = 0.05
+# At a graceful stop with BACKUP_DIR set, how long the embedded PostgreSQL gets to archive
+# the WAL segment it was writing.
+ARCHIVE_AT_STOP_SECONDS = 10.0
 
 
 async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
@@ -69,12 +74,25 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
     and subscriptions end with UNAVAILABLE first). Reports `ServerInfo` once both ports are
     bound."""
     url = settings.database_url
+    embedded: EmbeddedPostgres | None = None
     if url is None:
         embedded = await trio.to_thread.run_sync(start_embedded, settings)
         url = embedded.url()
     applied = await trio.to_thread.run_sync(migrate, url)
     if applied:
         log.info("migrations applied", extra={"migrations": applied})
+    backup_dir = (await trio.to_thread.run_sync(backup_path, settings.backup_dir)
+                  if settings.backup_dir else None)
+    archiving = backup_dir is not None and embedded is not None
+    if backup_dir is not None and embedded is not None:
+        if await trio.to_thread.run_sync(enable_archiving, url, embedded.data_dir, backup_dir):
+            log.info("restarting the embedded PostgreSQL: it archives its WAL from now on",
+                     extra={"backup_dir": str(backup_dir)})
+            await trio.to_thread.run_sync(embedded.stop)
+            await trio.to_thread.run_sync(embedded.start)
+    elif backup_dir is not None:
+        log.info("base backups only: recovery to any moment needs the database's own WAL "
+                 "archive (README, Backup and recovery)", extra={"backup_dir": str(backup_dir)})
     ssl_context = server_context(settings)
     authenticator = Authenticator(settings.api_keys_file,
                                   client_certificates=settings.tls_client_ca_file is not None,
@@ -141,6 +159,10 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
             await nursery.start(feed.run)
             await nursery.start(listen_for_commits, url, feed, lambda: writer.backend_pid, peers)
             await nursery.start(run_retention, snapshots, settings)
+            if backup_dir is not None:
+                await nursery.start(run_backups, url, backup_dir,
+                                    timedelta(hours=settings.backup_interval_hours),
+                                    settings.backup_keep, metrics)
             http_port = await nursery.start(serve_http, http_app, settings.host,
                                             settings.http_port)
             port = await nursery.start(grpc_server.serve, settings.host, settings.port,
@@ -170,6 +192,14 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
                 # answered by the writer whose reply was still to be sent, too.
                 grpc_server.go_away()
                 await trio.sleep(GOAWAY_SECONDS)
+                if archiving:
+                    # The archive gets the last commits too (PostgreSQL archives a segment
+                    # once it is full, or ARCHIVE_TIMEOUT_SECONDS after it was written to).
+                    with trio.move_on_after(ARCHIVE_AT_STOP_SECONDS + 5):
+                        if not await trio.to_thread.run_sync(
+                                archive_now, url, ARCHIVE_AT_STOP_SECONDS,
+                                abandon_on_cancel=True):
+                            log.warning("the last WAL segment was not archived in time")
                 nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(reader.close)
