@@ -25,12 +25,13 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class OperationsApp:
     def __init__(self, health: Health, metrics: Metrics,
                  refresh: Callable[[], Awaitable[None]], authentication: str, tls: bool,
-                 ) -> None:
+                 standby: bool = False) -> None:
         self._health = health
         self._metrics = metrics
         self._refresh = refresh
         self._authentication = authentication
         self._tls = tls
+        self._standby = standby
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -52,7 +53,9 @@ class OperationsApp:
                     "database": state.database, "migrations_applied": state.migrations,
                     "draining": state.draining,
                     # "open" (anyone may call: local development only), "mtls", "api_keys".
-                    "authentication": self._authentication, "tls": self._tls}
+                    "authentication": self._authentication, "tls": self._tls,
+                    # A read replica's server: reads and subscriptions only.
+                    "standby": self._standby}
             await _reply(send, 200 if state.ready else 503, orjson.dumps(body),
                          "application/json")
         elif path == "/metrics":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
 import trio
 
 from eventstore import audit
@@ -52,6 +53,13 @@ def start_embedded(settings: Settings) -> EmbeddedPostgres:
     return pg
 
 
+def is_standby(url: str) -> bool:
+    """Whether the database is a hot standby (a read replica)."""
+    with connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    return bool(row and row[0])
+
+
 def migrate(url: str) -> list[str]:
     """Apply pending migrations; return the names applied."""
     with connect(url, autocommit=True) as conn:
@@ -63,6 +71,8 @@ def migrate(url: str) -> list[str]:
 FLUSH_SECONDS = 0.5
 # How long the GOAWAYs get before the connections close.
 GOAWAY_SECONDS = 0.05
+# A read replica's server polls for new commits this often at most (LIVE_POLL_MS if less).
+STANDBY_POLL_MS = 100
 # At a graceful stop with BACKUP_DIR set, how long the embedded PostgreSQL gets to archive
 # the WAL segment it was writing.
 ARCHIVE_AT_STOP_SECONDS = 10.0
@@ -78,9 +88,15 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
     if url is None:
         embedded = await trio.to_thread.run_sync(start_embedded, settings)
         url = embedded.url()
-    applied = await trio.to_thread.run_sync(migrate, url)
-    if applied:
-        log.info("migrations applied", extra={"migrations": applied})
+    standby = await trio.to_thread.run_sync(is_standby, url)
+    if standby:
+        # A read replica: it gets the schema (and its migrations) from its primary.
+        log.warning("the database is a standby (read replica): serving reads and "
+                    "subscriptions only; appends and snapshot saves answer UNAVAILABLE")
+    else:
+        applied = await trio.to_thread.run_sync(migrate, url)
+        if applied:
+            log.info("migrations applied", extra={"migrations": applied})
     backup_dir = (await trio.to_thread.run_sync(backup_path, settings.backup_dir)
                   if settings.backup_dir else None)
     archiving = backup_dir is not None and embedded is not None
@@ -112,7 +128,10 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
     snapshots = Snapshots(url, settings, metrics)
     snapshots.open()
     try:
-        feed = LiveFeed(reader, settings)
+        # A standby hears of no commit (no NOTIFY there): its feed polls, often.
+        feed = LiveFeed(reader, msgspec.structs.replace(
+            settings, live_poll_ms=min(settings.live_poll_ms, STANDBY_POLL_MS))
+            if standby else settings)
         health = Health(url, settings.health_check_interval_ms / 1000)
 
         def committed(first: int, last: int, count: int, rows: bytes | None) -> None:
@@ -126,7 +145,13 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
         # Commits are announced to other server processes only while there are any.
         peers = Peers()
         writer.notify_peers = peers.present
-        service = EventStoreService(settings, writer, reader, feed, snapshots)
+        writes_refused = None
+        if standby:
+            writes_refused = ("this server reads from a standby database (a read replica): "
+                              "nothing was written; write through a server of the primary")
+            writer.refuse_writes(writes_refused)
+        service = EventStoreService(settings, writer, reader, feed, snapshots,
+                                    writes_refused=writes_refused)
         grpc_server = GrpcServer(
             {**service.methods(), **health.methods()},
             max_request_bytes=settings.max_request_bytes,
@@ -151,14 +176,18 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
             metrics.snapshots.set(snaps)
 
         http_app = OperationsApp(health, metrics, refresh_gauges,
-                                 authentication=authenticator.mode, tls=ssl_context is not None)
+                                 authentication=authenticator.mode, tls=ssl_context is not None,
+                                 standby=standby)
         async with trio.open_nursery() as nursery:
             await nursery.start(health.run)
             await nursery.start(authenticator.run)
-            await nursery.start(writer.run)
+            if not standby:
+                await nursery.start(writer.run)
             await nursery.start(feed.run)
-            await nursery.start(listen_for_commits, url, feed, lambda: writer.backend_pid, peers)
-            await nursery.start(run_retention, snapshots, settings)
+            if not standby:  # LISTEN is not allowed on a standby; nor are writes
+                await nursery.start(listen_for_commits, url, feed, lambda: writer.backend_pid,
+                                    peers)
+                await nursery.start(run_retention, snapshots, settings)
             if backup_dir is not None:
                 await nursery.start(run_backups, url, backup_dir,
                                     timedelta(hours=settings.backup_interval_hours),

@@ -14,7 +14,7 @@ from eventstore import _es_codec as codec
 from eventstore import audit
 from eventstore.auth.principals import ANONYMOUS, Principal
 from eventstore.config import Settings
-from eventstore.errors import EventStoreError, InvalidArgument, LimitExceeded
+from eventstore.errors import EventStoreError, InvalidArgument, LimitExceeded, Unavailable
 from eventstore.grpc.transport import Method, after_reply
 from eventstore.store.live import Selector
 from eventstore.store.reader import Reader
@@ -79,8 +79,12 @@ def _audit_refused(operation: str) -> Callable[[RequestReceived, str, str, float
 
 class EventStoreService:
     def __init__(self, settings: Settings, writer: AppendWriter, reader: Reader,
-                 feed: LiveFeed, snapshots: Snapshots) -> None:
+                 feed: LiveFeed, snapshots: Snapshots, *,
+                 writes_refused: str | None = None) -> None:
         self._settings = settings
+        # Why snapshot saves are refused (UNAVAILABLE), if they are: a read replica's server.
+        # (Its appends are refused by the writer.)
+        self._writes_refused = writes_refused
         self._writer = writer
         self._reader = reader
         self._feed = feed
@@ -181,6 +185,8 @@ class EventStoreService:
                 raise InvalidArgument(f"version: must be at least 1, got {msg.version}")
             check_snapshot_data(msg.data, self._settings.max_snapshot_bytes)
             caller(request).check_write(stream_type)
+            if self._writes_refused is not None:
+                raise Unavailable(self._writes_refused)
             with trio.CancelScope(shield=True):  # as for appends: a stored write is audited
                 saved = await self._snapshots.save(stream_id, stream_type, msg.version,
                                                    msg.data)

@@ -258,6 +258,8 @@ class AppendWriter:
         # a pid alone may be another session's by the time it is looked for.
         self._backend: tuple[int, datetime] | None = None
         self._accepting = True
+        self._refusal = ("the server is shutting down; nothing was written, retry on another "
+                         "server")
         self._busy = False
         self._batch_done = trio.Event()
         self._listeners: list[BatchListener] = []
@@ -297,8 +299,7 @@ class AppendWriter:
         when it stops. (Not an Event in a shielded scope: a cancel scope costs some 10 µs in
         Trio, a tenth of an append's own work in the server at batch 1.)"""
         if not self._accepting:
-            raise Unavailable("the server is shutting down; nothing was written, retry on "
-                              "another server")
+            raise Unavailable(self._refusal)
         pending = PendingAppend(request)
         pending.waiter = trio.lowlevel.current_task()
         self._queue.append(pending)
@@ -309,6 +310,11 @@ class AppendWriter:
             return outcome
         assert outcome is not None
         raise outcome
+
+    def refuse_writes(self, reason: str) -> None:
+        """Answer every append UNAVAILABLE with `reason` (a server of a read replica)."""
+        self._accepting = False
+        self._refusal = reason
 
     async def drain(self) -> None:
         """Refuse new appends (UNAVAILABLE) and return once everything already queued has been
