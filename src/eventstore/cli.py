@@ -83,7 +83,9 @@ def backup(backup_dir: str, keep: int) -> None:
     """
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
-    from eventstore.backup import BackupError, backup_path, prune, take_base_backup
+    import psycopg
+
+    from eventstore.backup import BackupError, backup_path, prune_locked, take_base_backup
     from eventstore.server import start_embedded
 
     url = settings.database_url
@@ -94,8 +96,8 @@ def backup(backup_dir: str, keep: int) -> None:
     try:
         directory = backup_path(backup_dir)
         path = take_base_backup(url, directory)
-        deleted = prune(directory, keep)
-    except BackupError as exc:
+        deleted = prune_locked(directory, keep)
+    except (BackupError, OSError, psycopg.Error) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         if embedded is not None:
@@ -138,14 +140,15 @@ def restore(backup_dir: str, data_dir: str, until: str | None) -> None:
     from eventstore.backup import restore as recover
 
     moment = _moment(until)
+    target = Path(data_dir).expanduser().resolve()
     try:
-        base, _ = recover(backup_path(backup_dir), Path(data_dir).expanduser().resolve(),
-                          moment)
-    except BackupError as exc:
+        base, _ = recover(backup_path(backup_dir), target, moment)
+    except (BackupError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"recovered from base backup {base}"
                + (f" up to {moment.isoformat()}" if moment else " up to the archive's end")
-               + f"; serve it with EVENTSTORE_DATA_DIR={data_dir} eventstore serve")
+               + f"; serve it with EVENTSTORE_DATA_DIR={target} eventstore serve, and a "
+               "BACKUP_DIR of its own (or none)")
 
 
 @main.command()

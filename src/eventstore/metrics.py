@@ -79,6 +79,13 @@ class Metrics:
         self.backup_last_success = Gauge(
             "eventstore_backup_last_success_timestamp_seconds", "When the newest base backup "
             "in BACKUP_DIR started (Unix time; 0: none).", registry=r)
+        self.wal_archive_failures = Gauge(
+            "eventstore_wal_archive_failures", "Times the embedded PostgreSQL failed to "
+            "archive a WAL segment into BACKUP_DIR (since its statistics were reset); while "
+            "it fails, PostgreSQL keeps every segment.", registry=r)
+        self.wal_archive_last_success = Gauge(
+            "eventstore_wal_archive_last_success_timestamp_seconds", "When the embedded "
+            "PostgreSQL last archived a WAL segment (Unix time; 0: never).", registry=r)
         self._grpc_children: dict[tuple[str, str], Any] = {}
         self.database_up = Gauge(
             "eventstore_database_up", "1 when the database answered the last health check.",

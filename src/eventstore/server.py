@@ -14,7 +14,14 @@ import trio
 from eventstore import audit
 from eventstore.auth.authenticator import Authenticator
 from eventstore.auth.tls import server_context
-from eventstore.backup import archive_now, backup_path, enable_archiving, run_backups
+from eventstore.backup import (
+    archive_now,
+    archiver_status,
+    backup_path,
+    disable_archiving,
+    enable_archiving,
+    run_backups,
+)
 from eventstore.config import Settings
 from eventstore.db.connection import connect
 from eventstore.db.migrations import apply_migrations
@@ -99,14 +106,20 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
             log.info("migrations applied", extra={"migrations": applied})
     backup_dir = (await trio.to_thread.run_sync(backup_path, settings.backup_dir)
                   if settings.backup_dir else None)
-    archiving = backup_dir is not None and embedded is not None
-    if backup_dir is not None and embedded is not None:
-        if await trio.to_thread.run_sync(enable_archiving, url, embedded.data_dir, backup_dir):
-            log.info("restarting the embedded PostgreSQL: it archives its WAL from now on",
-                     extra={"backup_dir": str(backup_dir)})
+    archiving = backup_dir is not None and embedded is not None and not standby
+    if embedded is not None and not standby:
+        if backup_dir is not None:
+            restart = await trio.to_thread.run_sync(enable_archiving, url, embedded.data_dir,
+                                                    backup_dir)
+            why = "it archives its WAL into BACKUP_DIR from now on"
+        else:
+            restart = await trio.to_thread.run_sync(disable_archiving, url)
+            why = "BACKUP_DIR is unset: it stops archiving its WAL"
+        if restart:
+            log.info(f"restarting the embedded PostgreSQL: {why}")
             await trio.to_thread.run_sync(embedded.stop)
             await trio.to_thread.run_sync(embedded.start)
-    elif backup_dir is not None:
+    if backup_dir is not None and embedded is None:
         log.info("base backups only: recovery to any moment needs the database's own WAL "
                  "archive (README, Backup and recovery)", extra={"backup_dir": str(backup_dir)})
     ssl_context = server_context(settings)
@@ -167,6 +180,14 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
             metrics.live_window_events.set(len(window) if window is not None else 0)
             metrics.subscriber_lag.set(feed.lag())
             metrics.database_up.set(1 if health.state.database else 0)
+            if archiving:
+                try:
+                    failures, last = await trio.to_thread.run_sync(archiver_status, url)
+                except Exception as exc:
+                    log.debug("reading the WAL archiver's state failed: %s", exc)
+                else:
+                    metrics.wal_archive_failures.set(failures)
+                    metrics.wal_archive_last_success.set(last)
             try:
                 events, streams, snaps = await reader.table_sizes()
             except EventStoreError:
