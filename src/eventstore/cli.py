@@ -41,11 +41,12 @@ def serve(log_format: str | None) -> None:
     settings = _settings()
     configure_logging(settings.log_level, log_format or settings.log_format)
     from eventstore.auth.keyfile import KeyFileError
+    from eventstore.backup import BackupError
     from eventstore.server import serve_until_signalled
 
     try:
         trio.run(serve_until_signalled, settings)
-    except (ConfigError, KeyFileError) as exc:
+    except (ConfigError, KeyFileError, BackupError) as exc:
         click.echo(f"eventstore: invalid configuration: {exc}", err=True)
         sys.exit(2)
 
