@@ -1151,6 +1151,23 @@ async def test_tls_settings_come_in_pairs(database_url: str, pki: Pki) -> None:
         assert "TLS_" in message, (partial, message)
 
 
+async def test_serve_stops_with_a_message_when_tls_files_cannot_be_read(
+        database_url: str, tmp_path: Path) -> None:
+    """`eventstore serve` with settings it cannot use exits 2 saying why (the error is raised
+    inside the server's nursery: not a traceback of an exception group)."""
+    env = {**os.environ, "DATABASE_URL": database_url, "HOST": "127.0.0.1", "PORT": "0",
+           "HTTP_PORT": "0", "TLS_CERT_FILE": str(tmp_path / "missing.pem"),
+           "TLS_KEY_FILE": str(tmp_path / "missing.key")}
+    with trio.fail_after(60):
+        done = await trio.run_process([sys.executable, "-m", "eventstore", "serve"],
+                                      capture_stdout=True, capture_stderr=True, check=False,
+                                      env=env)
+    stderr = bytes(done.stderr).decode()
+    assert done.returncode == 2, stderr
+    assert "eventstore: invalid configuration: TLS_CERT_FILE" in stderr
+    assert "Traceback" not in stderr
+
+
 # -- health ---------------------------------------------------------------------------------
 
 

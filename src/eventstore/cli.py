@@ -44,10 +44,21 @@ def serve(log_format: str | None) -> None:
     from eventstore.backup import BackupError
     from eventstore.server import serve_until_signalled
 
+    refusals = (ConfigError, KeyFileError, BackupError)
     try:
         trio.run(serve_until_signalled, settings)
-    except (ConfigError, KeyFileError, BackupError) as exc:
+    except refusals as exc:
         click.echo(f"eventstore: invalid configuration: {exc}", err=True)
+        sys.exit(2)
+    except BaseExceptionGroup as group:
+        # Raised inside the server's nursery: Trio wraps it.
+        matched, rest = group.split(refusals)
+        if matched is None or rest is not None:
+            raise
+        first: BaseException = matched
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        click.echo(f"eventstore: invalid configuration: {first}", err=True)
         sys.exit(2)
 
 
