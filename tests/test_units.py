@@ -153,6 +153,16 @@ def test_parse_uuid_canonicalizes() -> None:
             parse_uuid("f", spelling)
 
 
+def test_the_listen_address_is_loopback_unless_callers_must_authenticate() -> None:
+    from eventstore.config import listen_host
+
+    assert listen_host(None, "open") == "127.0.0.1"
+    assert listen_host(None, "api_keys") == "*" and listen_host(None, "mtls") == "*"
+    assert listen_host("0.0.0.0", "open") == "0.0.0.0"  # set on purpose
+    assert listen_host("127.0.0.1", "api_keys") == "127.0.0.1"
+    assert load_settings({}).host is None and load_settings({"HOST": "*"}).host == "*"
+
+
 def test_page_size() -> None:
     assert page_size("m", 0, 1000, 10_000) == 1000
     assert page_size("m", 50_000, 1000, 10_000) == 10_000

@@ -31,7 +31,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     """The service's configuration. Field `x` is read from the environment variable `X`."""
 
     port: Port = 50051
-    host: str = "0.0.0.0"
+    # Listen address of both ports; unset: every interface when callers must authenticate,
+    # loopback only in open mode (`listen_host`).
+    host: str | None = None
     http_port: Port = 8080
     database_url: str | None = None
     # Where the embedded PostgreSQL keeps its cluster when DATABASE_URL is unset.
@@ -99,6 +101,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
             raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
+
+
+def listen_host(host: str | None, authentication: str) -> str:
+    """Where to listen: HOST when it is set; else every interface ("*") when callers must
+    authenticate, and only loopback in open mode (anyone reaching the port may do anything)."""
+    if host is not None:
+        return host
+    return "127.0.0.1" if authentication == "open" else "*"
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

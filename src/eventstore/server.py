@@ -23,7 +23,7 @@ from eventstore.backup import (
     enable_archiving,
     run_backups,
 )
-from eventstore.config import Settings
+from eventstore.config import Settings, listen_host
 from eventstore.db.connection import connect
 from eventstore.db.migrations import apply_migrations
 from eventstore.embedded import EmbeddedPostgres
@@ -131,9 +131,12 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
     authenticator = Authenticator(settings.api_keys_file,
                                   client_certificates=settings.tls_client_ca_file is not None,
                                   reload_seconds=settings.api_keys_reload_ms / 1000)
+    host = listen_host(settings.host, authenticator.mode)
     if authenticator.mode == "open":
         log.warning("NO AUTHENTICATION: neither API_KEYS_FILE nor TLS_CLIENT_CA_FILE is set, "
-                    "so every caller may read and write everything (local development only)")
+                    "so every caller may read and write everything (local development only)"
+                    + ("; listening on loopback only (set HOST to listen elsewhere)"
+                       if settings.host is None else ""))
     else:
         log.info("authentication on", extra={"authentication": authenticator.mode,
                                              "api_keys": authenticator.key_count})
@@ -218,11 +221,11 @@ async def serve(settings: Settings, *, shutdown: trio.Event | None = None,
                 await nursery.start(functools.partial(
                     run_backups, url, backup_dir, timedelta(hours=settings.backup_interval_hours),
                     settings.backup_keep, metrics, now_first=archive_started))
-            http_port = await nursery.start(serve_http, http_app, settings.host,
+            http_port = await nursery.start(serve_http, http_app, host,
                                             settings.http_port)
-            port = await nursery.start(grpc_server.serve, settings.host, settings.port,
-                                       ssl_context)
-            log.info("eventstore listening", extra={"grpc_port": port, "http_port": http_port})
+            port = await nursery.start(grpc_server.serve, host, settings.port, ssl_context)
+            log.info("eventstore listening", extra={"host": host, "grpc_port": port,
+                                                    "http_port": http_port})
             task_status.started(ServerInfo(port=port, database_url=url, feed=feed,
                                            http_port=http_port))
             if shutdown is not None:
