@@ -96,8 +96,9 @@ class Subscription:
     module's docstring for exactly where it resumes and why CaughtUp comes once). Any other
     status (INVALID_ARGUMENT, UNAUTHENTICATED, …) ends it: `__anext__` raises the status's
     `ClientError`, and the iteration is over. So does giving up (`ReconnectPolicy.max_attempts`
-    consecutive failures): it raises `Unavailable`. It is not meant to be iterated by two tasks
-    at once. Without `async with`/`aclose`, its connection stays open until the client closes.
+    reconnection attempts that all failed): it raises `Unavailable`. It is not meant to be
+    iterated by two tasks at once. Without `async with`/`aclose`, its connection stays open
+    until the client closes.
     """
 
     def __init__(self, client: EventStoreClient, request: SubscriptionRequest,

@@ -119,9 +119,11 @@ class ReconnectPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     The delay before the k-th consecutive attempt is `initial_backoff * multiplier**(k-1)`,
     capped at `max_backoff`, then shortened by a random fraction of at most `jitter` (so many
-    clients do not reconnect in step). `max_attempts` consecutive failures (a failed dial or a
-    stream that ends before its first message; the drop that started it counts as the first)
-    end the subscription with `Unavailable`; None (the default) never gives up, because a
+    clients do not reconnect in step). After `max_attempts` reconnection attempts that all
+    fail (a failed dial or a stream that ends before its first message), the subscription ends
+    with `Unavailable`: that is `max_attempts + 1` consecutive failures, counting the drop or
+    first dial that started them (0: give up at the first); None (the default) never gives
+    up, because a
     subscriber usually feeds a long-running projection that should outlive a store restart or
     outage (each failure is logged as a warning on the "eventstore.client" logger).
 
