@@ -420,6 +420,15 @@ def test_encode_events_matches_rows_and_protobuf_bytes(pg_cluster: PgCluster) ->
             combined = pb.ReadAllResponse.FromString(out + tail)
             assert list(combined.events) == expected[:want]
             assert combined.has_more
+            # The live feed's and catch-up's form of the same rows: each event with the
+            # EventNotification that carries it alone, framed in Rust.
+            listed = codec.encode_event_list(buffer)
+            assert [(p, v, sid, st_, et) for p, v, sid, st_, et, _, _ in listed] == [
+                (r.position, r.version, str(r.stream_id), r.stream_type, r.event_type)
+                for r in rows]
+            assert [pb.Event.FromString(data) for *_, data, _ in listed] == expected
+            assert [note for *_, note in listed] == [
+                pb.EventNotification(event=e).SerializeToString() for e in expected]
 
         check()
 

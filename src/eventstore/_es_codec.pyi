@@ -176,10 +176,11 @@ def encode_events(
     COPY data (the whole input is checked) or a limit out of range.
     """
 
-def encode_event_list(copy_out: bytes) -> list[tuple[int, int, str, str, str, bytes]]:
-    """``(position, version, stream_id, stream_type, event_type, serialized Event)`` for every
-    row of the same COPY output as encode_events (stream_id in canonical lower case; the Event
-    without a field wrapper). Raises ValueError on malformed data."""
+def encode_event_list(copy_out: bytes) -> list[tuple[int, int, str, str, str, bytes, bytes]]:
+    """``(position, version, stream_id, stream_type, event_type, serialized Event,
+    EventNotification carrying it)`` for every row of the same COPY output as encode_events
+    (stream_id in canonical lower case; the Event without a field wrapper, the notification
+    its ``event = 1`` field). Raises ValueError on malformed data."""
 
 COPY_LOST: int
 """``Libpq.copy_out``'s status when the connection was lost while waiting for rows."""

@@ -380,7 +380,15 @@ fn encode_events<'py>(
 
 /// (position, version, stream_id, stream_type, event_type, serialized Event) per row: what
 /// live delivery needs to filter and send an event without decoding it again.
-type LiveEvent<'py> = (i64, i64, String, String, String, Bound<'py, PyBytes>);
+type LiveEvent<'py> = (
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+);
 
 /// Every row of binary COPY output as a `LiveEvent`.
 #[pyfunction]
@@ -396,6 +404,13 @@ fn encode_event_list<'py>(py: Python<'py>, copy_out: &[u8]) -> PyResult<Vec<Live
                 ev.write_into(buf);
                 Ok(())
             })?;
+            // The EventNotification carrying it alone (`event = 1`): framed here once, not
+            // in Python for every event a subscriber is sent.
+            let notification = PyBytes::new_with(py, ev.encoded_len_as_field_1(), |buf| {
+                let mut out = crate::out::Out::new(buf);
+                ev.write_as_field_1(&mut out);
+                Ok(())
+            })?;
             Ok((
                 row.position,
                 row.version,
@@ -403,6 +418,7 @@ fn encode_event_list<'py>(py: Python<'py>, copy_out: &[u8]) -> PyResult<Vec<Live
                 row.stream_type.to_owned(),
                 row.event_type.to_owned(),
                 bytes,
+                notification,
             ))
         })
         .collect()
