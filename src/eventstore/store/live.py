@@ -16,44 +16,28 @@ from dataclasses import dataclass, field
 from eventstore.store.validation import EventFilter
 
 
+@dataclass(slots=True)
 class LiveEvent:
     """A committed event with what filters need; `data` is the serialized `Event`, and
     `notification` the EventNotification that carries it alone (framed once, however many
     subscribers it goes to: by the Rust extension, which reads events from the database;
     here only when not given).
 
-    A plain class with slots, not a frozen dataclass: a catch-up reads thousands a page, and
-    a frozen dataclass sets each field through `object.__setattr__` (with the framing in
-    Python, that was 85% of a catch-up storm's CPU). Treat it as immutable."""
+    Not frozen: a catch-up reads thousands a page, and a frozen dataclass sets each field
+    through `object.__setattr__` (with the framing in Python, that was 85% of a catch-up
+    storm's CPU). Treat it as immutable."""
 
-    __slots__ = ("data", "event_type", "notification", "position", "stream_id",
-                 "stream_type", "version")
+    position: int
+    version: int
+    stream_id: str
+    stream_type: str
+    event_type: str
+    data: bytes
+    notification: bytes = field(default=b"", repr=False, compare=False)
 
-    def __init__(self, position: int, version: int, stream_id: str, stream_type: str,
-                 event_type: str, data: bytes, notification: bytes | None = None) -> None:
-        self.position = position
-        self.version = version
-        self.stream_id = stream_id
-        self.stream_type = stream_type
-        self.event_type = event_type
-        self.data = data
-        self.notification = _field(_EVENT, data) if notification is None else notification
-
-    def _key(self) -> tuple[int, int, str, str, str, bytes]:
-        return (self.position, self.version, self.stream_id, self.stream_type, self.event_type,
-                self.data)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, LiveEvent):
-            return NotImplemented
-        return self._key() == other._key()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return (f"LiveEvent(position={self.position}, version={self.version}, stream_id="
-                f"{self.stream_id!r}, stream_type={self.stream_type!r}, event_type="
-                f"{self.event_type!r}, data=<{len(self.data)} bytes>)")
+    def __post_init__(self) -> None:
+        if not self.notification:
+            self.notification = _field(_EVENT, self.data)
 
 
 @dataclass(frozen=True)
